@@ -1,0 +1,146 @@
+"""Turn evaluation metrics into ``metrics.json``, ``report.md`` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from training.evaluate import MODEL_LABELS, MODELS  # noqa: E402
+
+_log = logging.getLogger(__name__)
+
+
+def write_report(metrics: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _plot_slices(metrics, out_dir / "rmse_by_slice.png")
+    _plot_importance(metrics, out_dir / "feature_importance.png")
+    (out_dir / "report.md").write_text(render_markdown(metrics))
+    _log.info("wrote metrics.json, report.md and plots to %s", out_dir)
+
+
+def rating_table(metrics: dict) -> str:
+    """The per-fold and mean ± std RMSE/MAE table, as Markdown."""
+    folds = list(metrics["per_fold"])
+    header = (
+        "| Model | "
+        + " | ".join(f"{f} RMSE" for f in folds)
+        + " | RMSE mean ± std | MAE mean ± std |"
+    )
+    lines = [header, "|" + "---|" * (len(folds) + 3)]
+    for model in MODELS:
+        cells = [f"{metrics['per_fold'][f][model]['rmse']:.4f}" for f in folds]
+        summary = metrics["summary"][model]
+        lines.append(
+            f"| {MODEL_LABELS[model]} | "
+            + " | ".join(cells)
+            + f" | {summary['rmse']['mean']:.4f} ± {summary['rmse']['std']:.4f}"
+            + f" | {summary['mae']['mean']:.4f} ± {summary['mae']['std']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(metrics: dict) -> str:
+    protocol = metrics["protocol"]
+    parts = [
+        "# reelrank rating evaluation",
+        "",
+        f"Folds {', '.join(protocol['folds'])} of ML-100K: every model is fitted on "
+        "`{fold}.base` only (stage 1, out-of-fold stage-2 features and stage 2 included) and "
+        f"scored on `{{fold}}.test`. Seed {protocol['seed']}; data fingerprint "
+        f"`{protocol['data_fingerprint'][:16]}`.",
+        "",
+        "## RMSE and MAE",
+        "",
+        rating_table(metrics),
+        "",
+        "## By how many training ratings the user and the movie have (RMSE, pooled over folds)",
+        "",
+    ]
+    for name, rows in metrics["slices"].items():
+        parts.append(f"### {name.replace('_', ' ')}")
+        parts.append("")
+        parts.append(
+            "| Slice | Test ratings | " + " | ".join(MODEL_LABELS[m] for m in MODELS) + " |"
+        )
+        parts.append("|" + "---|" * (len(MODELS) + 2))
+        for row in rows:
+            cells = " | ".join(f"{row[m]:.4f}" for m in MODELS)
+            parts.append(f"| {row['slice']} | {row['n']} | {cells} |")
+        parts.append("")
+    parts += [
+        "![RMSE by slice](rmse_by_slice.png)",
+        "",
+        "![Feature importance](feature_importance.png)",
+        "",
+        "## Conclusion",
+        "",
+        *conclusion(metrics),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def conclusion(metrics: dict) -> list[str]:
+    """Sentences drawn from the figures, so they stay true when the figures change."""
+    summary = {m: metrics["summary"][m]["rmse"]["mean"] for m in MODELS}
+    per_fold = metrics["per_fold"]
+    wins = sum(per_fold[f]["two_stage"]["rmse"] < per_fold[f]["stage1"]["rmse"] for f in per_fold)
+    lines = [
+        f"- The two-stage model's mean RMSE is {summary['two_stage']:.4f} against "
+        f"{summary['stage1']:.4f} for stage 1 alone "
+        f"({summary['stage1'] - summary['two_stage']:+.4f}); it is lower on {wins} of "
+        f"{len(per_fold)} folds.",
+        f"- Side features without embeddings reach {summary['side_features_lgbm']:.4f}, "
+        f"the bias baseline {summary['bias_baseline']:.4f} and the global mean "
+        f"{summary['global_mean']:.4f}: the learned embeddings carry most of the gain, and "
+        "LightGBM adds by correcting stage 1 with rating statistics and side features.",
+    ]
+    for name, rows in metrics["slices"].items():
+        gains = [(r["stage1"] - r["two_stage"], r["slice"]) for r in rows]
+        best, worst = max(gains), min(gains)
+        entity = "users" if name.startswith("user") else "movies"
+        lines.append(
+            f"- By {entity}' training ratings, stage 2 helps most for {best[1]} "
+            f"({best[0]:+.4f} RMSE) and least for {worst[1]} ({worst[0]:+.4f})."
+        )
+    top = list(metrics["feature_importance"].items())[:5]
+    lines.append(
+        "- The features stage 2 leans on most (share of gain): "
+        + ", ".join(f"`{n}` {v:.1%}" for n, v in top)
+        + "."
+    )
+    return lines
+
+
+def _plot_slices(metrics: dict, path: Path) -> None:
+    figure, axes = plt.subplots(1, len(metrics["slices"]), figsize=(12, 4.5), squeeze=False)
+    for axis, (name, rows) in zip(axes[0], metrics["slices"].items()):
+        labels = [r["slice"] for r in rows]
+        for model in ("bias_baseline", "stage1", "side_features_lgbm", "two_stage"):
+            axis.plot(labels, [r[model] for r in rows], marker="o", label=MODEL_LABELS[model])
+        axis.set_title(f"RMSE by {name.replace('_', ' ')}")
+        axis.set_xlabel("training ratings")
+        axis.set_ylabel("RMSE")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_importance(metrics: dict, path: Path, top: int = 20) -> None:
+    items = list(metrics["feature_importance"].items())[:top][::-1]
+    figure, axis = plt.subplots(figsize=(7, 6))
+    axis.barh([n for n, _ in items], [v for _, v in items])
+    axis.set_xlabel("share of total gain (mean over folds)")
+    axis.set_title("Stage-2 feature importance")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
