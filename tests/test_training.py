@@ -187,7 +187,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_predict_scores_every_pair_and_counts_cold_starts(tiny_artifacts, tmp_path):
     pairs = tmp_path / "pairs.tsv"
-    pairs.write_text("user_id\tmovie_id\n1\t1\n2\t3\n9999\t1\n1\t8888\n")
+    pairs.write_text("user_id\tmovie_id\n1\t1\n2\t3\t4\t881250949\n9999\t1\n1\t8888\n")
     out = tmp_path / "predictions.tsv"
 
     done = _cli(
@@ -209,7 +209,7 @@ def test_predict_scores_every_pair_and_counts_cold_starts(tiny_artifacts, tmp_pa
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("1\t2\n3\n", "pairs.tsv:2: expected 2 tab-separated fields, found 1"),
+        ("1\t2\n3\n", "pairs.tsv:2: expected tab-separated user_id and movie_id, found '3'"),
         ("1\t2\nx\t2\n", "pairs.tsv:2: ids must be integers"),
         ("0\t2\n", "pairs.tsv:1: ids must be positive"),
     ],

@@ -81,27 +81,30 @@ def _in_sample_metrics(result) -> dict:
 
 
 def read_pairs(path: Path) -> pd.DataFrame:
-    """Tab-separated ``user_id movie_id`` pairs, one per line; an optional header is skipped."""
+    """``user_id movie_id`` pairs from a tab-separated file, one per line.
+
+    A ``user_id movie_id`` header line is skipped, and columns after the first two (a rating
+    file's rating and timestamp, say) are ignored, so ``u1.test`` can be scored as it is.
+    """
     rows = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            fields = line.strip().split("\t")
-            if not line.strip():
+            text = line.rstrip("\r\n")
+            if not text.strip():
                 continue
-            if number == 1 and fields == ["user_id", "movie_id"]:
+            fields = text.split("\t")
+            if number == 1 and fields[:2] == ["user_id", "movie_id"]:
                 continue
-            if len(fields) != 2:
+            if len(fields) < 2:
                 raise DataError(
-                    f"expected 2 tab-separated fields, found {len(fields)}", path, number
+                    f"expected tab-separated user_id and movie_id, found {text!r}", path, number
                 )
             try:
                 user_id, movie_id = int(fields[0]), int(fields[1])
             except ValueError:
-                raise DataError(
-                    f"ids must be integers, got {line.strip()!r}", path, number
-                ) from None
+                raise DataError(f"ids must be integers, got {text!r}", path, number) from None
             if user_id <= 0 or movie_id <= 0:
-                raise DataError(f"ids must be positive, got {line.strip()!r}", path, number)
+                raise DataError(f"ids must be positive, got {text!r}", path, number)
             rows.append((user_id, movie_id))
     return pd.DataFrame(rows, columns=["user_id", "movie_id"], dtype=np.int64)
 
