@@ -7,6 +7,11 @@ REPORT ?= reports/evaluation
 EVAL_FOLDS ?= u1,u2,u3,u4,u5
 SEED ?= 0
 export REDIS_URL ?= redis://127.0.0.1:6379/0
+SERVE_PORT ?= 50051
+METRICS_PORT ?= 9464
+WORKERS ?= 1
+DEMO_USERS ?= 1 42 405
+NODE_CLIENT := tests/node_client/node_modules/.package-lock.json
 
 # MovieLens: $(DATA) if given, else $MOVIELENS_DIR, else the shared copy beside the project,
 # else the official zip is downloaded (checksum verified) into the cache by `reelrank data fetch`.
@@ -14,7 +19,7 @@ SHARED_DATA := $(wildcard ../shared/data/ml-100k/u.data)
 DATA ?= $(or $(MOVIELENS_DIR),$(if $(SHARED_DATA),../shared/data/ml-100k,))
 DATA_FLAG = $(if $(DATA),--data $(DATA),)
 
-.PHONY: demo test install data train evaluate lint clean
+.PHONY: demo test install data train evaluate materialize serve protos lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +40,37 @@ train: data
 evaluate: data
 	$(BIN)/reelrank evaluate $(DATA_FLAG) --out $(REPORT) --seed $(SEED) --folds $(EVAL_FOLDS)
 
-demo: train evaluate
+materialize: train
+	$(BIN)/reelrank materialize --artifacts $(ARTIFACTS)
 
-test: install
+serve: materialize
+	$(BIN)/reelrank serve --artifacts $(ARTIFACTS) --port $(SERVE_PORT) --workers $(WORKERS) \
+	  --metrics-port $(METRICS_PORT)
+
+# Train, evaluate, materialize, then start the service, rank a few users through the client and
+# stop the service again.
+demo: train evaluate materialize
+	@set -e; \
+	$(BIN)/reelrank serve --artifacts $(ARTIFACTS) --port $(SERVE_PORT) & server=$$!; \
+	trap 'kill $$server 2>/dev/null || true' EXIT; \
+	$(BIN)/reelrank health --target 127.0.0.1:$(SERVE_PORT) --wait-s 120; \
+	for user in $(DEMO_USERS); do \
+	  $(BIN)/reelrank rank --user $$user --k 5 --artifacts $(ARTIFACTS) \
+	    --target 127.0.0.1:$(SERVE_PORT); \
+	done; \
+	$(BIN)/reelrank rank --user 42 --candidates 1,50,100,181,99999 --explain \
+	  --target 127.0.0.1:$(SERVE_PORT); \
+	kill -TERM $$server; wait $$server; trap - EXIT; \
+	echo "ranking service stopped cleanly"
+
+protos: install
+	$(BIN)/python -m ranker.protogen
+
+# The independent gRPC client the tests call the service with (Node's @grpc/grpc-js).
+$(NODE_CLIENT): tests/node_client/package-lock.json
+	npm ci --prefix tests/node_client --no-audit --no-fund
+
+test: install $(NODE_CLIENT)
 	$(BIN)/pytest -q
 
 lint: install

@@ -165,6 +165,188 @@ def evaluate(
     typer.echo(f"\nreport written to {out / 'report.md'}")
 
 
+@app.command()
+def materialize(
+    artifacts: ArtifactsOption,
+    incremental: Annotated[
+        bool,
+        typer.Option(
+            "--incremental", help="Write nothing if the store already holds this model version."
+        ),
+    ] = False,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url", help="Online store. Default: $REDIS_URL, then redis://127.0.0.1:6379/0."
+        ),
+    ] = None,
+    project: Annotated[
+        str | None,
+        typer.Option("--project", help="Feast project. Default: feature_store.yaml's (reelrank)."),
+    ] = None,
+    repo: Annotated[
+        Path | None,
+        typer.Option("--repo", help="Feast repository. Default: this checkout's feature_repo/."),
+    ] = None,
+) -> None:
+    """Load a model version's feature tables into Feast: offline files and Redis online store."""
+    from ranker.online_store import check_reachable
+    from ranker.redis_url import redact, resolve
+
+    # Fail in a second, before Feast's import takes several.
+    url = resolve(redis_url)
+    check_reachable(url)
+
+    from ranker.materialize import MaterializeConfig
+    from ranker.materialize import materialize as run_materialize
+
+    config = MaterializeConfig(
+        artifacts=artifacts, repo=repo, redis_url=url, project=project, incremental=incremental
+    )
+    result = run_materialize(config)
+    for view, rows in result.rows_written.items():
+        typer.echo(
+            f"{view}: {rows} rows written, {result.rows_removed[view]} stale rows removed"
+            + (f" ({result.seconds[view]:.2f} s)" if view in result.seconds else "")
+        )
+    verb = "already held" if result.skipped else "materialized"
+    typer.echo(
+        f"model {result.model_version} {verb} in project {result.project} at {redact(url)} "
+        f"({result.seconds['total']:.1f} s)"
+    )
+
+
+@app.command()
+def serve(
+    artifacts: ArtifactsOption,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="gRPC port; 0 picks a free one.", min=0)] = 50051,
+    workers: Annotated[
+        int, typer.Option(help="Server processes sharing the port (about one per core).", min=1)
+    ] = 1,
+    redis_url: Annotated[
+        str, typer.Option("--redis-url", envvar="REDIS_URL", help="Online store (Feast's Redis).")
+    ] = "redis://127.0.0.1:6379/0",
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port.", min=0)
+    ] = None,
+    max_candidates: Annotated[
+        int, typer.Option(help="Most candidates one request may carry.", min=1)
+    ] = 10_000,
+    store_timeout_ms: Annotated[
+        float, typer.Option(help="Longest wait for one online store read.", min=1)
+    ] = 1000.0,
+    grace_s: Annotated[
+        float, typer.Option(help="On SIGTERM, time in-flight calls get to finish.", min=0)
+    ] = 10.0,
+) -> None:
+    """Serve the model over gRPC (reelrank.v1.Ranker, health, reflection) until SIGTERM."""
+    from ranker.online_store import OnlineStoreConfig
+    from ranker.server import ServerConfig
+    from ranker.server import serve as run_serve
+    from ranker.service import RankerConfig
+
+    config = ServerConfig(
+        artifacts_dir=artifacts,
+        host=host,
+        port=port,
+        workers=workers,
+        metrics_port=metrics_port,
+        shutdown_grace_s=grace_s,
+        store=OnlineStoreConfig(redis_url=redis_url, socket_timeout_s=store_timeout_ms / 1e3),
+        ranker=RankerConfig(max_candidates=max_candidates),
+    )
+    raise typer.Exit(run_serve(config, log_level=logging.getLogger().level))
+
+
+@app.command()
+def rank(
+    user: Annotated[int, typer.Option("--user", help="User id to rank for.")],
+    candidates: Annotated[
+        str | None,
+        typer.Option(
+            "--candidates",
+            help="Comma-separated movie ids. Default: every movie of --artifacts, if given.",
+        ),
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="How many to show; 0 shows all.", min=0)] = 10,
+    target: Annotated[
+        str, typer.Option("--target", help="host:port of `reelrank serve`.")
+    ] = "127.0.0.1:50051",
+    artifacts: Annotated[
+        Path | None,
+        typer.Option("--artifacts", help="Artifacts directory whose catalogue to rank."),
+    ] = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Show the features that moved each score most.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the raw response as JSON.")
+    ] = False,
+    deadline_s: Annotated[
+        float, typer.Option(help="Longest wait for the connection and the answer.", min=0.001)
+    ] = 5.0,
+) -> None:
+    """Ask a running ranking service to rank movies for a user and print them with titles."""
+    from google.protobuf.json_format import MessageToJson
+    from rich.console import Console
+
+    from ranker.client import ClientConfig, RankerClient, ranking_table
+
+    candidate_ids = _candidate_ids(candidates, artifacts)
+    with RankerClient(ClientConfig(target=target, deadline_s=deadline_s)) as client:
+        client.wait_until_connected()
+        response = client.rank(user, candidate_ids, top_k=k, explain=explain)
+    if as_json:
+        typer.echo(MessageToJson(response, preserving_proto_field_name=True))
+        return
+    Console().print(ranking_table(response, user))
+    if response.not_found_ids:
+        shown = ", ".join(map(str, response.not_found_ids[:20]))
+        more = " ..." if len(response.not_found_ids) > 20 else ""
+        typer.echo(f"not found (not scored): {shown}{more}")
+
+
+def _candidate_ids(candidates: str | None, artifacts: Path | None) -> list[int]:
+    if candidates is not None:
+        try:
+            return [int(part) for part in candidates.split(",") if part.strip()]
+        except ValueError:
+            raise typer.BadParameter(
+                f"{candidates!r} is not a comma-separated list of integers",
+                param_hint="--candidates",
+            ) from None
+    if artifacts is None:
+        # The service answers an empty list with INVALID_ARGUMENT explaining why.
+        return []
+    import pandas as pd
+
+    from training.artifacts import TITLES
+    from training.errors import ArtifactError
+
+    path = artifacts / TITLES
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; is {artifacts} an artifacts directory?")
+    return pd.read_parquet(path, columns=["movie_id"])["movie_id"].tolist()
+
+
+@app.command()
+def health(
+    target: Annotated[
+        str, typer.Option("--target", help="host:port of `reelrank serve`.")
+    ] = "127.0.0.1:50051",
+    wait_s: Annotated[
+        float, typer.Option(help="Keep asking this long for SERVING before giving up.", min=0)
+    ] = 0.0,
+) -> None:
+    """Ask the service's grpc.health.v1 status; exit 0 if SERVING, 1 otherwise (a probe)."""
+    from ranker.client import wait_until_serving
+
+    status = wait_until_serving(target, wait_s)
+    typer.echo(f"{target}: {status}")
+    raise typer.Exit(0 if status == "SERVING" else 1)
+
+
 def main() -> None:
     """Console entry point: run the app and turn user mistakes into one clear line."""
     try:

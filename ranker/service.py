@@ -1,0 +1,305 @@
+"""The Ranker gRPC service: check a request, read its features online, score, rank.
+
+:class:`RankingCore` holds the ranking logic and knows nothing of gRPC, so other front ends
+(an asyncio server, a benchmark) can call it. :class:`RankerServicer` turns protobuf messages
+into calls of the core and every failure into a status code, in :func:`status_for` alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
+from ranker.metrics import ServiceMetrics
+from ranker.online_store import (
+    OnlineFeatureReader,
+    OnlineStoreError,
+    OnlineStoreUnavailable,
+    StaleFeatures,
+)
+from training.artifacts import Artifacts
+from training.errors import ReelrankError
+from training.features import build_matrix
+
+_log = logging.getLogger(__name__)
+
+SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["Ranker"].full_name
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Limits of one Rank call."""
+
+    max_candidates: int = 10_000
+    """Most candidate ids one request may carry (duplicates included)."""
+    max_request_id_chars: int = 128
+    """Longest accepted request_id; it is echoed and logged, so it is bounded."""
+    min_budget_s: float = 0.002
+    """A call with less time left than this fails with DEADLINE_EXCEEDED before reading."""
+    error_log_interval_s: float = 5.0
+    """Server-side errors of one status code are logged at most once per this many seconds."""
+
+
+class InvalidRequest(ReelrankError):
+    """A request field outside its allowed range; names the field and the value."""
+
+    def __init__(self, field: str, value: object, expected: str):
+        self.field = field
+        self.value = value
+        super().__init__(f"{field}={value!r}: {expected}")
+
+
+class RequestDeadlineExceeded(ReelrankError):
+    """The caller's deadline leaves no time to read features."""
+
+
+@dataclass
+class Ranking:
+    """The ranked answer for one request; arrays are aligned and best first."""
+
+    movie_ids: np.ndarray
+    """(k,) int64 returned movie ids."""
+    scores: np.ndarray
+    """(k,) float32 predicted ratings."""
+    user_cold_start: bool
+    not_found_ids: np.ndarray
+    """(m,) int64 candidates without features, in order of first appearance."""
+    scored_count: int
+    contributions: np.ndarray | None = None
+    """(k, n_features) float64 per-feature contributions, only when asked to explain."""
+    base_value: float = 0.0
+
+
+class RankingCore:
+    """Ranks candidate movies for a user from online features with one loaded model."""
+
+    def __init__(self, artifacts: Artifacts, reader: OnlineFeatureReader, config: RankerConfig):
+        self.artifacts = artifacts
+        self.reader = reader
+        self.config = config
+        self.feature_names = artifacts.model.feature_names
+
+    @property
+    def model_version(self) -> str:
+        return self.artifacts.model_version
+
+    def validate(self, user_id: int, candidate_ids: np.ndarray, top_k: int) -> None:
+        """Raise :class:`InvalidRequest` for the first field out of range."""
+        if user_id <= 0:
+            raise InvalidRequest("user_id", user_id, "user ids are 1 or more")
+        if top_k < 0:
+            raise InvalidRequest("top_k", top_k, "must be 0 (all) or more")
+        if len(candidate_ids) == 0:
+            raise InvalidRequest(
+                "candidate_ids",
+                [],
+                "at least one candidate is needed: this service has no candidate-generation "
+                "stage yet, so it cannot rank the whole catalogue; send the movie ids to rank",
+            )
+        if len(candidate_ids) > self.config.max_candidates:
+            raise InvalidRequest(
+                "len(candidate_ids)",
+                len(candidate_ids),
+                f"at most {self.config.max_candidates} candidates per request",
+            )
+        bad = np.flatnonzero(candidate_ids <= 0)
+        if len(bad):
+            raise InvalidRequest(
+                f"candidate_ids[{bad[0]}]", int(candidate_ids[bad[0]]), "movie ids are 1 or more"
+            )
+
+    def rank(
+        self,
+        user_id: int,
+        candidate_ids: np.ndarray,
+        top_k: int = 0,
+        explain: bool = False,
+    ) -> Ranking:
+        """Score each distinct candidate for ``user_id`` and return the best ``top_k``.
+
+        Raises :class:`InvalidRequest`, ``OnlineStoreUnavailable`` or ``StaleFeatures``.
+        """
+        candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
+        self.validate(user_id, candidate_ids, top_k)
+
+        unique, first_index = np.unique(candidate_ids, return_index=True)
+        distinct = unique[np.argsort(first_index, kind="stable")]
+        rows = self.reader.read(user_id, distinct)
+
+        found = np.asarray(rows.movie_found, dtype=bool)
+        movie_ids = distinct[found]
+        not_found = distinct[~found]
+        if len(movie_ids) == 0:
+            return Ranking(
+                np.zeros(0, np.int64), np.zeros(0, np.float32), not rows.user_found, not_found, 0
+            )
+        movies = {name: values[found] for name, values in rows.movies.items()}
+        matrix = build_matrix(rows.user, movies, self.artifacts.model.constants)
+        scores = self.artifacts.model.score(matrix).astype(np.float32)
+
+        # Rank on the float32 scores the caller sees, so equal shown scores tie-break by id.
+        order = np.lexsort((movie_ids, -scores))
+        if top_k:
+            order = order[:top_k]
+        ranking = Ranking(
+            movie_ids[order], scores[order], not rows.user_found, not_found, len(movie_ids)
+        )
+        if explain:
+            contributions = self.artifacts.model.booster.predict(
+                matrix[order], pred_contrib=True, num_threads=1
+            )
+            ranking.contributions = contributions[:, :-1]
+            ranking.base_value = float(contributions[0, -1])
+        return ranking
+
+
+def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The one mapping from a failure to the gRPC status code and message the caller gets."""
+    if isinstance(error, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, RequestDeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
+    if isinstance(error, StaleFeatures):
+        # Usually a deployment in progress: the store or this server will soon hold one version
+        # again, so a retry (on another replica) can succeed.
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    if isinstance(error, OnlineStoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    if isinstance(error, OnlineStoreError):
+        # Malformed rows: retrying gives the same answer until an operator re-materializes.
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
+    if isinstance(error, ReelrankError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
+    return grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
+
+
+class _ThrottledLog:
+    """Logs a warning per key at most once per interval, counting the lines it held back."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, message: str, *args) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -np.inf) < self.interval_s:
+                self._held[key] = self._held.get(key, 0) + 1
+                return
+            self._last[key] = now
+            held = self._held.pop(key, 0)
+        suffix = f" ({held} more like it since the last line)" if held else ""
+        _log.warning(message + suffix, *args)
+
+
+class RankerServicer(ranker_pb2_grpc.RankerServicer):
+    """gRPC front of :class:`RankingCore`: messages in and out, status codes, metrics, logs."""
+
+    def __init__(self, core: RankingCore, metrics: ServiceMetrics):
+        self.core = core
+        self.metrics = metrics
+        self._error_log = _ThrottledLog(core.config.error_log_interval_s)
+
+    def Rank(self, request: ranker_pb2.RankRequest, context: grpc.ServicerContext):  # noqa: N802
+        started = time.perf_counter()
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            response = self._rank(request, request_id, context)
+            code, message = grpc.StatusCode.OK, ""
+        except Exception as error:  # every failure becomes a status below, none escapes as UNKNOWN
+            code, message = status_for(error)
+            self._log_failure(code, message, error, request_id)
+        elapsed_s = time.perf_counter() - started
+
+        self.metrics.requests.labels("Rank", code.name).inc()
+        self.metrics.latency.labels("Rank").observe(elapsed_s)
+        _log.debug(
+            "Rank request_id=%s user_id=%d candidates=%d top_k=%d -> %s in %.1f ms",
+            request_id,
+            request.user_id,
+            len(request.candidate_ids),
+            request.top_k,
+            code.name,
+            elapsed_s * 1e3,
+        )
+        if code is not grpc.StatusCode.OK:
+            context.abort(code, message)
+        return response
+
+    def _rank(self, request, request_id: str, context) -> ranker_pb2.RankResponse:
+        if len(request.request_id) > self.core.config.max_request_id_chars:
+            raise InvalidRequest(
+                "request_id",
+                request.request_id[:32] + "...",
+                f"at most {self.core.config.max_request_id_chars} characters",
+            )
+        self._check_budget(context)
+        candidate_ids = np.array(request.candidate_ids, dtype=np.int64)
+        ranking = self.core.rank(request.user_id, candidate_ids, request.top_k, request.explain)
+
+        if ranking.user_cold_start:
+            self.metrics.features_missing.labels("user").inc()
+        if len(ranking.not_found_ids):
+            self.metrics.features_missing.labels("movie").inc(len(ranking.not_found_ids))
+        self.metrics.candidates.observe(ranking.scored_count + len(ranking.not_found_ids))
+        return self._to_response(ranking, request_id)
+
+    def _check_budget(self, context) -> None:
+        """Refuse to start a call whose deadline has all but passed.
+
+        The online store read itself is bounded by the store's socket timeout
+        (``OnlineStoreConfig.socket_timeout_s``), not by the caller's deadline: the caller still
+        gets DEADLINE_EXCEEDED on time from gRPC, and this thread is free again after at most
+        that timeout. Keep the socket timeout near the callers' deadlines.
+        """
+        remaining_s = context.time_remaining()
+        if remaining_s is not None and remaining_s < self.core.config.min_budget_s:
+            raise RequestDeadlineExceeded(
+                f"the call's deadline leaves {remaining_s * 1e3:.1f} ms, too little to read "
+                "features; allow more time"
+            )
+
+    def _to_response(self, ranking: Ranking, request_id: str) -> ranker_pb2.RankResponse:
+        titles = self.core.artifacts.titles
+        response = ranker_pb2.RankResponse(
+            model_version=self.core.model_version,
+            request_id=request_id,
+            user_cold_start=ranking.user_cold_start,
+            not_found_ids=ranking.not_found_ids.tolist(),
+            scored_count=ranking.scored_count,
+            base_value=ranking.base_value,
+        )
+        for row, (movie_id, score) in enumerate(
+            zip(ranking.movie_ids.tolist(), ranking.scores.tolist(), strict=True)
+        ):
+            movie = response.movies.add(
+                movie_id=movie_id, score=score, title=titles.get(movie_id, "")
+            )
+            if ranking.contributions is not None:
+                self._add_contributions(movie, ranking.contributions[row])
+        return response
+
+    def _add_contributions(self, movie: ranker_pb2.ScoredMovie, values: np.ndarray) -> None:
+        names = self.core.feature_names
+        for index in np.lexsort((np.arange(len(values)), -np.abs(values))):
+            movie.contributions.add(feature=names[index], contribution=float(values[index]))
+
+    def _log_failure(self, code, message: str, error: Exception, request_id: str) -> None:
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            # The caller's mistake, answered in the status; no operator action needed.
+            _log.debug("Rank request_id=%s rejected: %s", request_id, message)
+        elif code is grpc.StatusCode.INTERNAL:
+            _log.exception("Rank request_id=%s failed unexpectedly", request_id, exc_info=error)
+        else:
+            self._error_log.warning(
+                code.name, "Rank request_id=%s answered %s: %s", request_id, code.name, message
+            )
