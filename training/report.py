@@ -97,10 +97,7 @@ def conclusion(metrics: dict) -> list[str]:
         f"{summary['stage1']:.4f} for stage 1 alone "
         f"({summary['stage1'] - summary['two_stage']:+.4f}); it is lower on {wins} of "
         f"{len(per_fold)} folds.",
-        f"- Side features without embeddings reach {summary['side_features_lgbm']:.4f}, "
-        f"the bias baseline {summary['bias_baseline']:.4f} and the global mean "
-        f"{summary['global_mean']:.4f}: the learned embeddings carry most of the gain, and "
-        "LightGBM adds by correcting stage 1 with rating statistics and side features.",
+        _embeddings_versus_side_features(summary),
     ]
     for name, rows in metrics["slices"].items():
         gains = [(r["stage1"] - r["two_stage"], r["slice"]) for r in rows]
@@ -110,6 +107,13 @@ def conclusion(metrics: dict) -> list[str]:
             f"- By {entity}' training ratings, stage 2 helps most for {best[1]} "
             f"({best[0]:+.4f} RMSE) and least for {worst[1]} ({worst[0]:+.4f})."
         )
+        beaten = [r["slice"] for r in rows if r["side_features_lgbm"] < r["two_stage"]]
+        if beaten:
+            lines.append(
+                f"- For {entity} with {', '.join(beaten)} training ratings, side features alone "
+                "beat the two-stage model: there the embeddings are mostly noise, and stage 2 "
+                "does not discount them fully."
+            )
     top = list(metrics["feature_importance"].items())[:5]
     lines.append(
         "- The features stage 2 leans on most (share of gain): "
@@ -117,6 +121,17 @@ def conclusion(metrics: dict) -> list[str]:
         + "."
     )
     return lines
+
+
+def _embeddings_versus_side_features(summary: dict[str, float]) -> str:
+    stage1, side = summary["stage1"], summary["side_features_lgbm"]
+    stronger = "embeddings (stage 1)" if stage1 < side else "side features (LightGBM)"
+    return (
+        f"- Alone, stage 1 reaches {stage1:.4f} and LightGBM on side features {side:.4f} (bias "
+        f"baseline {summary['bias_baseline']:.4f}, global mean {summary['global_mean']:.4f}): "
+        f"the {stronger} carry more on their own, and the two-stage model is better than "
+        f"either by {min(stage1, side) - summary['two_stage']:+.4f}."
+    )
 
 
 def _plot_slices(metrics: dict, path: Path) -> None:
