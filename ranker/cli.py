@@ -6,8 +6,10 @@ traceback. Logging is configured here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +39,28 @@ SeedOption = Annotated[int, typer.Option("--seed", help="Seed for every random c
 ArtifactsOption = Annotated[
     Path, typer.Option("--artifacts", help="Artifacts directory written by `reelrank train`.")
 ]
+TlsCaOption = Annotated[
+    Path | None,
+    typer.Option("--tls-ca", help="CA certificate (PEM) of a server started with --tls-cert."),
+]
+TlsClientCertOption = Annotated[
+    Path | None,
+    typer.Option("--tls-client-cert", help="Client certificate (PEM) for --tls-client-ca servers."),
+]
+TlsClientKeyOption = Annotated[
+    Path | None, typer.Option("--tls-client-key", help="Private key (PEM) of --tls-client-cert.")
+]
+
+
+def client_tls(ca: Path | None, cert: Path | None, key: Path | None):
+    """The client TLS settings of the --tls-* options; None for plain TCP."""
+    from ranker.tls import ClientTls, TlsConfigError
+
+    if ca is None:
+        if cert is not None or key is not None:
+            raise TlsConfigError("--tls-client-cert and --tls-client-key need --tls-ca too")
+        return None
+    return ClientTls(ca_file=ca, cert_file=cert, key_file=key)
 
 
 @app.callback()
@@ -197,8 +221,9 @@ def materialize(
     url = resolve(redis_url)
     check_reachable(url)
 
-    from ranker.materialize import MaterializeConfig
-    from ranker.materialize import materialize as run_materialize
+    with _without_torch():
+        from ranker.materialize import MaterializeConfig
+        from ranker.materialize import materialize as run_materialize
 
     config = MaterializeConfig(
         artifacts=artifacts, repo=repo, redis_url=url, project=project, incremental=incremental
@@ -216,9 +241,33 @@ def materialize(
     )
 
 
+@contextlib.contextmanager
+def _without_torch() -> Iterator[None]:
+    """Make ``import torch`` fail inside the block unless torch is loaded already.
+
+    Feast imports torch at start-up (a second or two of CPU) only for on-demand views over
+    tensors, which reelrank does not define; its import guard then runs Feast as on an
+    installation without torch. Imports after the block find torch as usual.
+    """
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch", False) is None:
+            del sys.modules["torch"]
+
+
 @app.command()
 def serve(
-    artifacts: ArtifactsOption,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            "--artifacts", help="Artifacts directory written by `reelrank train` (or --release)."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gRPC port; 0 picks a free one.", min=0)] = 50051,
     workers: Annotated[
@@ -239,12 +288,62 @@ def serve(
     grace_s: Annotated[
         float, typer.Option(help="On SIGTERM, time in-flight calls get to finish.", min=0)
     ] = 10.0,
+    project: Annotated[
+        str, typer.Option("--project", help="Feast project whose rows to read.")
+    ] = "reelrank",
+    release: Annotated[
+        Path | None,
+        typer.Option(
+            "--release",
+            help='JSON {"artifacts": DIR, "project": NAME}; replaces --artifacts and --project, '
+            "and SIGHUP reloads it with no failed calls.",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Serve TLS with this certificate (PEM).")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="Private key (PEM) of --tls-cert.")
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option("--tls-client-ca", help="Require client certificates signed by this CA."),
+    ] = None,
+    movie_cache_rows: Annotated[
+        int,
+        typer.Option(
+            help="Movie rows of the served model version kept in memory once read; 0 reads "
+            "every row from Redis on every call.",
+            min=0,
+        ),
+    ] = 100_000,
+    compiled_trees: Annotated[
+        bool,
+        typer.Option(
+            help="Score with the trees compiled to native code (gcc) once proven identical."
+        ),
+    ] = True,
 ) -> None:
-    """Serve the model over gRPC (reelrank.v1.Ranker, health, reflection) until SIGTERM."""
+    """Serve the model over gRPC (reelrank.v1.Ranker, health, reflection) until SIGTERM;
+    SIGHUP reloads the artifacts (or the --release file) and swaps them in when the store holds
+    their version."""
     from ranker.online_store import OnlineStoreConfig
-    from ranker.server import ServerConfig
+    from ranker.server import ServerConfig, read_release
     from ranker.server import serve as run_serve
     from ranker.service import RankerConfig
+    from ranker.tls import ServerTls, TlsConfigError
+
+    if (artifacts is None) == (release is None):
+        raise typer.BadParameter("give exactly one of --artifacts and --release")
+    if release is not None:
+        artifacts, project = read_release(release)
+    if (tls_cert is None) != (tls_key is None):
+        raise TlsConfigError("--tls-cert and --tls-key must be given together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise TlsConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = None
+    if tls_cert is not None:
+        tls = ServerTls(cert_file=tls_cert, key_file=tls_key, client_ca_file=tls_client_ca)
 
     config = ServerConfig(
         artifacts_dir=artifacts,
@@ -253,8 +352,15 @@ def serve(
         workers=workers,
         metrics_port=metrics_port,
         shutdown_grace_s=grace_s,
-        store=OnlineStoreConfig(redis_url=redis_url, socket_timeout_s=store_timeout_ms / 1e3),
-        ranker=RankerConfig(max_candidates=max_candidates),
+        store=OnlineStoreConfig(
+            redis_url=redis_url,
+            project=project,
+            socket_timeout_s=store_timeout_ms / 1e3,
+            movie_cache_rows=movie_cache_rows,
+        ),
+        ranker=RankerConfig(max_candidates=max_candidates, compiled_trees=compiled_trees),
+        tls=tls,
+        release_file=release,
     )
     raise typer.Exit(run_serve(config, log_level=logging.getLogger().level))
 
@@ -286,6 +392,9 @@ def rank(
     deadline_s: Annotated[
         float, typer.Option(help="Longest wait for the connection and the answer.", min=0.001)
     ] = 5.0,
+    tls_ca: TlsCaOption = None,
+    tls_client_cert: TlsClientCertOption = None,
+    tls_client_key: TlsClientKeyOption = None,
 ) -> None:
     """Ask a running ranking service to rank movies for a user and print them with titles."""
     from google.protobuf.json_format import MessageToJson
@@ -294,7 +403,8 @@ def rank(
     from ranker.client import ClientConfig, RankerClient, ranking_table
 
     candidate_ids = _candidate_ids(candidates, artifacts)
-    with RankerClient(ClientConfig(target=target, deadline_s=deadline_s)) as client:
+    tls = client_tls(tls_ca, tls_client_cert, tls_client_key)
+    with RankerClient(ClientConfig(target=target, deadline_s=deadline_s, tls=tls)) as client:
         client.wait_until_connected()
         response = client.rank(user, candidate_ids, top_k=k, explain=explain)
     if as_json:
@@ -338,13 +448,94 @@ def health(
     wait_s: Annotated[
         float, typer.Option(help="Keep asking this long for SERVING before giving up.", min=0)
     ] = 0.0,
+    tls_ca: TlsCaOption = None,
+    tls_client_cert: TlsClientCertOption = None,
+    tls_client_key: TlsClientKeyOption = None,
 ) -> None:
     """Ask the service's grpc.health.v1 status; exit 0 if SERVING, 1 otherwise (a probe)."""
     from ranker.client import wait_until_serving
 
-    status = wait_until_serving(target, wait_s)
+    tls = client_tls(tls_ca, tls_client_cert, tls_client_key)
+    status = wait_until_serving(target, wait_s, tls=tls)
     typer.echo(f"{target}: {status}")
     raise typer.Exit(0 if status == "SERVING" else 1)
+
+
+@app.command()
+def bench(
+    artifacts: ArtifactsOption,
+    target: Annotated[
+        str | None,
+        typer.Option("--target", help="host:port of a running service. Default: start one."),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="Online store. Default: a private redis-server (with --target: $REDIS_URL).",
+        ),
+    ] = None,
+    project: Annotated[
+        str, typer.Option("--project", help="Feast project to materialize into (or read).")
+    ] = "reelrank_bench",
+    repo: Annotated[
+        Path | None,
+        typer.Option("--repo", help="Feast repository of --target. Default: feature_repo/."),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes of a started service.", min=1)] = 1,
+    concurrency: Annotated[int, typer.Option(help="Calls in flight, concurrent phase.", min=1)] = 4,
+    candidates: Annotated[
+        str, typer.Option("--candidates", help="Comma-separated candidate counts.")
+    ] = "10,100,1000",
+    requests: Annotated[int, typer.Option(help="Calls per phase and count.", min=1)] = 400,
+    naive_requests: Annotated[int, typer.Option(help="Naive-path calls per count.", min=1)] = 40,
+    runs: Annotated[int, typer.Option(help="Repetitions of every phase.", min=1)] = 3,
+    max_phase_s: Annotated[float, typer.Option(help="Time limit of one phase.", min=1)] = 30.0,
+    serve_option: Annotated[
+        list[str] | None,
+        typer.Option("--serve-option", help="Extra `reelrank serve` option (repeatable)."),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write every figure to this JSON file.")
+    ] = None,
+) -> None:
+    """Measure the service over gRPC (10/100/1000 candidates, sequential and concurrent)
+    against Feast's get_online_features plus LightGBM on the same requests."""
+    import json
+
+    from ranker.bench import BenchConfig, figures_table
+    from ranker.bench import run as run_bench
+
+    try:
+        counts = tuple(int(part) for part in candidates.split(",") if part.strip())
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter(
+            f"{candidates!r} is not a list of positive integers", param_hint="--candidates"
+        ) from None
+    config = BenchConfig(
+        artifacts=artifacts,
+        target=target,
+        redis_url=redis_url,
+        project=project,
+        repo=repo,
+        workers=workers,
+        serve_options=tuple(serve_option or ()),
+        candidate_counts=counts,
+        requests=requests,
+        naive_requests=naive_requests,
+        concurrency=concurrency,
+        runs=runs,
+        max_phase_s=max_phase_s,
+    )
+    report = run_bench(config, progress=lambda line: typer.echo(line, err=True))
+    report["command"] = " ".join(["reelrank", *sys.argv[1:]])
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(figures_table(report).to_string(index=False))
+    peaks = ", ".join(f"{mb:.0f}" for mb in report["worker_peak_rss_mb"]) or "n/a"
+    typer.echo(f"peak RSS per worker (MB): {peaks}; machine: {report['machine_at_end']}")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
+from ranker.tls import ClientTls, open_channel
 from training.errors import ReelrankError
 
 _log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ class ClientConfig:
     """``host:port`` of a running ``reelrank serve``."""
     deadline_s: float = 5.0
     """Longest wait for a connection, and the deadline of each call."""
+    tls: ClientTls | None = None
+    """CA (and client certificate) for a server started with ``--tls-cert``; None is plain TCP."""
 
 
 class ServiceUnreachable(ReelrankError):
@@ -42,7 +45,7 @@ class RankerClient:
 
     def __init__(self, config: ClientConfig):
         self.config = config
-        self.channel = grpc.insecure_channel(config.target)
+        self.channel = open_channel(config.target, config.tls)
         self.stub = ranker_pb2_grpc.RankerStub(self.channel)
 
     def __enter__(self) -> RankerClient:
@@ -59,9 +62,13 @@ class RankerClient:
         try:
             grpc.channel_ready_future(self.channel).result(timeout=self.config.deadline_s)
         except grpc.FutureTimeoutError:
+            hint = (
+                "is `reelrank serve` running there, and with TLS (--tls-ca) exactly when the "
+                "client uses it?"
+            )
             raise ServiceUnreachable(
                 f"cannot reach the ranking service at {self.config.target} within "
-                f"{self.config.deadline_s:g} s; is `reelrank serve` running there?"
+                f"{self.config.deadline_s:g} s; {hint}"
             ) from None
 
     def rank(
@@ -116,7 +123,12 @@ def ranking_table(response: ranker_pb2.RankResponse, user_id: int, top_features:
     return table
 
 
-def wait_until_serving(target: str, wait_s: float, service: str = "") -> str:
+def wait_until_serving(
+    target: str,
+    wait_s: float,
+    service: str = "",
+    tls: ClientTls | None = None,
+) -> str:
     """Poll ``grpc.health.v1`` at ``target`` until it reports SERVING or ``wait_s`` pass.
 
     Returns the last status name (``SERVING``, ``NOT_SERVING``, ``UNKNOWN``, or ``UNREACHABLE``
@@ -128,7 +140,7 @@ def wait_until_serving(target: str, wait_s: float, service: str = "") -> str:
 
     deadline = time.monotonic() + wait_s
     status = "UNREACHABLE"
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

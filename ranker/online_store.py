@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +51,8 @@ _FLOAT_LIST_TAG = b"\x82\x01"  # Value.float_list_val: field 16, wire type 2
 _PACKED_TAG = b"\x0a"  # FloatList.val: field 1, packed
 _STRING_TAG = b"\x12"  # Value.string_val: field 2, wire type 2
 _SCALAR = np.dtype([("tag", "u1"), ("value", "<f4")])  # one encoded float_val, 5 bytes
+# How far past its deadline a deadline-bounded read may wait; see OnlineFeatureReader._send_by.
+_TIMEOUT_SLACK_S = 0.001
 
 
 class OnlineStoreError(ReelrankError):
@@ -65,6 +69,10 @@ class StaleFeatures(OnlineStoreError):
 
 class CorruptFeatures(OnlineStoreError):
     """A stored row is not in the layout this reader expects."""
+
+
+class OnlineStoreTimeout(OnlineStoreUnavailable):
+    """Redis did not answer within the time the read was given."""
 
 
 def check_reachable(redis_url: str, timeout_s: float = 2.0) -> None:
@@ -175,7 +183,12 @@ class OnlineStoreConfig:
     connect_timeout_s: float = 1.0
     """Longest wait to open a connection."""
     max_connections: int = 16
-    """Connections kept in the pool; concurrent readers beyond this wait for one."""
+    """Connections kept in the pool; concurrent readers beyond this wait for one (at most
+    ``socket_timeout_s``, whatever a read's own timeout)."""
+    movie_cache_rows: int = 0
+    """Movie rows kept in memory after a read checked their model version, so later reads
+    fetch only the user row and the store's version record; 0 reads every row every time.
+    See :class:`MovieRowCache` for why this cannot serve another version's rows."""
 
 
 @dataclass
@@ -343,6 +356,60 @@ def _looks_like(value: bytes, width: int | None, header: bytes | None) -> bool:
     return len(value) == len(header) + 4 * width and value.startswith(header)
 
 
+class MovieRowCache:
+    """Decoded movie rows of ONE model version, filled from reads of the online store.
+
+    Rows of a model version never change (the version id is a hash of the model and its
+    tables), so a row read once, and checked to carry ``version``, is the row of that version
+    for good. The cache is created by, and only consulted by, the reader of that version, and
+    that reader still reads the store's version record and the user row on every request in
+    one round trip: once the store holds another version, every read fails with
+    :class:`StaleFeatures` before a cached row is used, and a reader of another version has a
+    cache of its own. Movies without a row are not cached. At ``capacity`` rows the cache stops
+    growing; further movies are read from Redis every time.
+    """
+
+    def __init__(self, version: str, fields: Sequence[tuple[str, int | None]], capacity: int):
+        self.version = version
+        self.capacity = capacity
+        self._fields = list(fields)
+        self._index: dict[int, int] = {}
+        self._columns = {
+            name: np.empty((0,) if width is None else (0, width), np.float32)
+            for name, width in self._fields
+        }
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def positions(self, movie_ids: np.ndarray) -> np.ndarray:
+        """``(n,)`` int64 row of each id in the cache, -1 where it is not cached."""
+        get = self._index.get
+        return np.fromiter((get(i, -1) for i in movie_ids.tolist()), np.int64, len(movie_ids))
+
+    def gather(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The cached rows at ``positions`` (all >= 0), per field."""
+        with self._lock:
+            return {name: column[positions] for name, column in self._columns.items()}
+
+    def add(self, movie_ids: np.ndarray, rows: Mapping[str, np.ndarray], version: str) -> None:
+        """Keep the rows of ``movie_ids`` (found, checked to be of ``version``)."""
+        if version != self.version:
+            raise ValueError(f"rows of version {version} offered to the cache of {self.version}")
+        with self._lock:
+            fresh = [j for j, i in enumerate(movie_ids.tolist()) if i not in self._index][
+                : max(0, self.capacity - len(self._index))
+            ]
+            if not fresh:
+                return
+            start = len(self._index)
+            for offset, j in enumerate(fresh):
+                self._index[int(movie_ids[j])] = start + offset
+            for name in self._columns:
+                self._columns[name] = np.concatenate([self._columns[name], rows[name][fresh]])
+
+
 class OnlineFeatureReader:
     """Reads feature rows of one model version from Redis for the online scoring path.
 
@@ -364,6 +431,11 @@ class OnlineFeatureReader:
             fields = [(f["name"], f["width"]) for f in table["fields"]]
             layout = ViewLayout(entity, table["key"], fields, config.project)
             self._codecs[entity] = _TableCodec(layout, table["defaults"], self.model_version)
+        self.movie_cache: MovieRowCache | None = None
+        if config.movie_cache_rows > 0:
+            self.movie_cache = MovieRowCache(
+                self.model_version, self._codecs["movie"].layout.fields, config.movie_cache_rows
+            )
         self._version_key = metadata_key(config.project, "version")
         self._version_query = b"*3\r\n$4\r\nHGET\r\n$%d\r\n%s\r\n$13\r\nmodel_version\r\n" % (
             len(self._version_key),
@@ -384,26 +456,51 @@ class OnlineFeatureReader:
         """``url`` with its password hidden."""
         return redact(url)
 
-    def read(self, user_id: int, movie_ids: np.ndarray) -> OnlineRows:
+    def read(
+        self,
+        user_id: int,
+        movie_ids: np.ndarray,
+        timeout_s: float | None = None,
+    ) -> OnlineRows:
         """Rows of ``user_id`` and of each of ``movie_ids``; unknown ids get the default rows.
 
-        Raises :class:`StaleFeatures` if the store holds another model version,
-        :class:`OnlineStoreUnavailable` if Redis does not answer in time.
+        ``timeout_s`` bounds the wait for Redis' replies to this read (a caller's remaining
+        deadline); None waits up to ``socket_timeout_s`` per reply. Raises
+        :class:`StaleFeatures` if the store holds another model version,
+        :class:`OnlineStoreTimeout` if Redis does not answer in time and
+        :class:`OnlineStoreUnavailable` if it cannot be reached.
         """
         movie_ids = np.asarray(movie_ids, dtype=np.int64).reshape(-1)
         user_ids = np.array([user_id], dtype=np.int64)
         users, movies = self._codecs["user"], self._codecs["movie"]
-        request = self._version_query + users.commands(user_ids) + movies.commands(movie_ids)
+        cache = self.movie_cache
+        positions = cache.positions(movie_ids) if cache is not None else None
+        missed = movie_ids if positions is None else movie_ids[positions < 0]
+        request = self._version_query + users.commands(user_ids) + movies.commands(missed)
 
-        replies = self._round_trip(request, 2 + len(movie_ids))
+        replies = self._round_trip(request, 2 + len(missed), timeout_s)
         self._check_store_version(replies[0])
         user_rows, user_found = users.decode(replies[1:2], user_ids)
-        movie_rows, movie_found = movies.decode(replies[2:], movie_ids)
+        missed_rows, missed_found = movies.decode(replies[2:], missed)
+        if cache is None:
+            return OnlineRows(user_rows, missed_rows, bool(user_found[0]), missed_found)
+
+        # The store's version record and the rows just read are this reader's version (both
+        # checked above), so they may join the cache of that version.
+        found_rows = {name: values[missed_found] for name, values in missed_rows.items()}
+        cache.add(missed[missed_found], found_rows, self.model_version)
+        movie_rows, movie_found = _merge(positions, cache, missed_rows, missed_found)
         return OnlineRows(user_rows, movie_rows, bool(user_found[0]), movie_found)
 
-    def features(self, user_id: int, movie_ids: np.ndarray) -> tuple[np.ndarray, OnlineRows]:
-        """The scoring matrix ``(n, n_features)`` for the user and movies, and the rows."""
-        rows = self.read(user_id, movie_ids)
+    def features(
+        self,
+        user_id: int,
+        movie_ids: np.ndarray,
+        timeout_s: float | None = None,
+    ) -> tuple[np.ndarray, OnlineRows]:
+        """The scoring matrix ``(n, n_features)`` for the user and movies, and the rows;
+        ``timeout_s`` as in :meth:`read`."""
+        rows = self.read(user_id, movie_ids, timeout_s)
         return build_matrix(rows.user, rows.movies, self.constants), rows
 
     def materialized(self) -> dict[str, str] | None:
@@ -437,14 +534,16 @@ class OnlineFeatureReader:
                 f"version {stored.decode()}, but the model is version {self.model_version}"
             )
 
-    def _round_trip(self, request: bytes, n_replies: int) -> list:
-        """Send ``request`` and read ``n_replies`` replies on one pooled connection.
+    def _round_trip(self, request: bytes, n_replies: int, timeout_s: float | None) -> list:
+        """Send ``request`` and read ``n_replies`` replies on one pooled connection, all
+        within ``timeout_s`` if given.
 
         A pooled connection may have died with a restarted Redis, so a lost connection is
-        retried once on a fresh one; a timeout is not, the caller's deadline is spent.
+        retried once on a fresh one, within the same time; a timeout is not, the time is spent.
         """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            return self._send(request, n_replies)
+            return self._send(request, n_replies, deadline)
         except redis.AuthenticationError as error:
             raise self._error(error) from None
         except redis.ConnectionError as error:
@@ -453,15 +552,17 @@ class OnlineFeatureReader:
             raise self._error(error) from None
 
         try:
-            return self._send(request, n_replies)
+            return self._send(request, n_replies, deadline)
         except redis.RedisError as error:
             raise self._error(error) from None
 
-    def _send(self, request: bytes, n_replies: int) -> list:
+    def _send(self, request: bytes, n_replies: int, deadline: float | None) -> list:
         connection = self._pool.get_connection()
         try:
-            connection.send_packed_command([request], check_health=False)
-            return [connection.read_response() for _ in range(n_replies)]
+            if deadline is None:
+                connection.send_packed_command([request], check_health=False)
+                return [connection.read_response() for _ in range(n_replies)]
+            return self._send_by(connection, request, n_replies, deadline)
         except BaseException:
             # Unread replies would answer the next request: that one starts afresh.
             connection.disconnect()
@@ -469,10 +570,61 @@ class OnlineFeatureReader:
         finally:
             self._pool.release(connection)
 
+    def _send_by(self, connection, request: bytes, n_replies: int, deadline: float) -> list:
+        """:meth:`_send` with every socket wait cut to the time left before ``deadline``.
+
+        Setting a socket timeout costs microseconds, so it is lowered only once the time left
+        has fallen more than ``_TIMEOUT_SLACK_S`` below the one set: a wait ends at most that
+        much after the deadline.
+        """
+        timeout_s = float("inf")
+        try:
+            replies = []
+            for index in range(n_replies + 1):
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise redis.TimeoutError("the read's time ran out")
+                if left_s < timeout_s - _TIMEOUT_SLACK_S:
+                    # Redis-py's hook for a temporary socket timeout; -1 restores the default.
+                    timeout_s = min(left_s, self.config.socket_timeout_s)
+                    connection.update_current_socket_timeout(timeout_s)
+                if index == 0:
+                    connection.send_packed_command([request], check_health=False)
+                else:
+                    replies.append(connection.read_response())
+            return replies
+        finally:
+            connection.update_current_socket_timeout(-1)
+
     def _error(self, error: redis.RedisError) -> OnlineStoreError:
         where = f"online store {redact(self.url)}"
         if isinstance(error, redis.AuthenticationError):
             return OnlineStoreUnavailable(f"{where} refused the login: {error}")
-        if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        if isinstance(error, redis.TimeoutError):
+            return OnlineStoreTimeout(f"{where} did not answer in time: {error}")
+        if isinstance(error, redis.ConnectionError):
             return OnlineStoreUnavailable(f"{where} is unreachable: {error}")
         return OnlineStoreError(f"{where} failed: {error}")
+
+
+def _merge(
+    positions: np.ndarray,
+    cache: MovieRowCache,
+    missed_rows: dict[str, np.ndarray],
+    missed_found: np.ndarray,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Rows in request order: cached ones where ``positions`` >= 0, the ones just read (in
+    order) elsewhere; and which have a row."""
+    hit = positions >= 0
+    if hit.all():
+        return cache.gather(positions), np.ones(len(positions), dtype=bool)
+    cached = cache.gather(positions[hit])
+    rows = {}
+    for name, values in missed_rows.items():
+        merged = np.empty((len(positions), *values.shape[1:]), dtype=np.float32)
+        merged[hit] = cached[name]
+        merged[~hit] = values
+        rows[name] = merged
+    found = np.ones(len(positions), dtype=bool)
+    found[~hit] = missed_found
+    return rows, found

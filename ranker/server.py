@@ -1,14 +1,17 @@
 """Build and run the ranking server: gRPC service, health, reflection, metrics, signals, workers.
 
-``create_server`` assembles one in-process server (tests bind port 0 and stop it). ``serve`` runs
-``reelrank serve``: one process, or with ``workers > 1`` a supervisor that spawns worker
-processes which all listen on the same port (``SO_REUSEPORT``; the kernel spreads connections over
-them), restarts a worker that dies, and exposes their summed metrics on one port.
+``create_server`` assembles one in-process server (tests bind port 0 and stop it), over TLS when
+given a certificate. ``serve`` runs ``reelrank serve``: one process, or with ``workers > 1`` a
+supervisor that spawns worker processes which all listen on the same port (``SO_REUSEPORT``; the
+kernel spreads connections over them), restarts a worker that dies, and exposes their summed
+metrics on one port. SIGTERM stops gracefully; SIGHUP reloads the release file and swaps the new
+model in without failing a call (:meth:`RankingServer.reload`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -25,14 +28,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
-from ranker.generated.reelrank.v1 import ranker_pb2_grpc
+from ranker.generated.reelrank.v1 import ranker_pb2
 from ranker.metrics import ServiceMetrics
 from ranker.online_store import OnlineFeatureReader, OnlineStoreConfig, OnlineStoreError
 from ranker.service import SERVICE_NAME, RankerConfig, RankerServicer, RankingCore
+from ranker.tls import ServerTls, server_credentials
 from training import artifacts as artifacts_io
 from training.errors import ReelrankError
 
@@ -79,6 +84,11 @@ class ServerConfig:
     """Online store connection; its socket timeout caps every read."""
     ranker: RankerConfig = field(default_factory=RankerConfig)
     """Per-request limits."""
+    tls: ServerTls | None = None
+    """Certificate and key to serve TLS with; None serves plain TCP (keep ``host`` private)."""
+    release_file: Path | None = None
+    """JSON ``{"artifacts": DIR, "project": NAME}`` naming what to serve; when given it wins
+    over ``artifacts_dir`` and ``store.project``, and SIGHUP reads it again (hot reload)."""
 
     @property
     def max_message_bytes(self) -> int:
@@ -91,6 +101,71 @@ def grpc_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+class ReleaseError(ReelrankError):
+    """A release file that cannot be used; names the file and what is wrong."""
+
+
+class ReloadRefused(ReelrankError):
+    """A hot reload was refused; the model that was serving goes on serving."""
+
+
+def read_release(path: Path) -> tuple[Path, str]:
+    """The artifacts directory and Feast project a release file names.
+
+    A relative artifacts path is taken relative to the release file's folder.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ReleaseError(f"release file {path}: cannot be read: {error.strerror}") from None
+    try:
+        release = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ReleaseError(
+            f"release file {path}, line {error.lineno}: not JSON: {error.msg}"
+        ) from None
+    if not isinstance(release, dict):
+        raise ReleaseError(f'release file {path}: expected {{"artifacts": ..., "project": ...}}')
+    artifacts, project = release.get("artifacts"), release.get("project")
+    if not isinstance(artifacts, str) or not artifacts:
+        raise ReleaseError(f"release file {path}: artifacts={artifacts!r}, expected a directory")
+    if not isinstance(project, str) or not project:
+        raise ReleaseError(f"release file {path}: project={project!r}, expected a project name")
+    return path.parent / artifacts, project
+
+
+def resolve_release(config: ServerConfig) -> ServerConfig:
+    """``config`` with ``artifacts_dir`` and ``store.project`` taken from its release file."""
+    if config.release_file is None:
+        return config
+    artifacts_dir, project = read_release(config.release_file)
+    return replace(
+        config, artifacts_dir=artifacts_dir, store=replace(config.store, project=project)
+    )
+
+
+def store_problem(reader: OnlineFeatureReader) -> str:
+    """Why the store cannot serve ``reader``'s model version, or "" when it can."""
+    try:
+        record = reader.materialized()
+    except OnlineStoreError as error:
+        return str(error)
+    version = reader.model_version
+    project = reader.config.project
+    if record is None:
+        return (
+            f"project {project} holds no complete materialization; run "
+            f"`reelrank materialize --project {project}` for {version}"
+        )
+    if record.get("model_version") != version:
+        return (
+            f"project {project} holds model version {record.get('model_version')}, "
+            f"this server serves {version}"
+        )
+    return ""
 
 
 class _StoreMonitor:
@@ -134,18 +209,7 @@ class _StoreMonitor:
         return ready
 
     def _probe(self) -> str:
-        try:
-            record = self.reader.materialized()
-        except OnlineStoreError as error:
-            return str(error)
-        version = self.reader.model_version
-        if record is None:
-            return f"holds no complete materialization; run `reelrank materialize` for {version}"
-        if record.get("model_version") != version:
-            return (
-                f"holds model version {record.get('model_version')}, this server serves {version}"
-            )
-        return ""
+        return store_problem(self.reader)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -156,15 +220,26 @@ class _StoreMonitor:
 class RankingServer:
     """One running ranking server: the gRPC server, its health status and store monitor."""
 
-    def __init__(self, grpc_server, health_servicer, monitor, core, reader, metrics):
+    def __init__(self, grpc_server, health_servicer, monitor, servicer, metrics, config):
         self.grpc_server = grpc_server
         self.health = health_servicer
         self.monitor = monitor
-        self.core = core
-        self.reader = reader
+        self.servicer = servicer
         self.metrics = metrics
+        self.config = config
         self._stopped = False
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._retired: list[threading.Timer] = []
+
+    @property
+    def core(self) -> RankingCore:
+        """The (model, reader) pair new calls use."""
+        return self.servicer.core
+
+    @property
+    def reader(self) -> OnlineFeatureReader:
+        return self.servicer.core.reader
 
     @property
     def model_version(self) -> str:
@@ -187,9 +262,88 @@ class RankingServer:
         self.monitor.stop()
         stopped.wait()
         self.reader.close()
+        for timer in self._retired:
+            timer.cancel()
+            timer.function()
+
+    def reload(self) -> str:
+        """Load the release (or artifacts directory) again and swap it in; returns its version.
+
+        The new artifacts are verified (checksums, features) and the store must hold their model
+        version completely in the project to serve, else :class:`ReloadRefused` (or the load's
+        ``ArtifactError``) is raised and the old pair keeps serving. The swap is one assignment:
+        each call reads the pair once, so calls in flight finish on the old model and old
+        reader, new calls use the new ones; no call mixes them. The old reader is closed after
+        ``shutdown_grace_s``, when calls that started on it are over.
+        """
+        with self._reload_lock:
+            config = resolve_release(self.config)
+            loaded = artifacts_io.load(config.artifacts_dir)
+            reader = OnlineFeatureReader(config.store, loaded.manifest)
+            problem = store_problem(reader)
+            if problem:
+                reader.close()
+                raise ReloadRefused(
+                    f"not reloading model {loaded.model_version} from {config.artifacts_dir}: "
+                    f"online store {OnlineFeatureReader.redacted_url(config.store.redis_url)} "
+                    f"{problem}; still serving {self.model_version}"
+                )
+            old = self.servicer.core
+            self.servicer.core = RankingCore(loaded, reader, config.ranker)
+            self.monitor.reader = reader
+
+            self.metrics.model_info.labels(old.model_version).set(0)
+            self.metrics.model_info.labels(loaded.model_version).set(1)
+            timer = threading.Timer(config.shutdown_grace_s, old.reader.close)
+            timer.daemon = True
+            timer.start()
+            self._retired = [t for t in self._retired if t.is_alive()] + [timer]
+        self.monitor.check()
+        _log.info(
+            "reloaded: serving model %s (was %s) from project %s",
+            loaded.model_version,
+            old.model_version,
+            config.store.project,
+        )
+        return loaded.model_version
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         return self.grpc_server.wait_for_termination(timeout_s)
+
+
+class _Unreadable:
+    """Stands for request bytes that are no RankRequest (gRPC takes None for a failure)."""
+
+
+_UNREADABLE = _Unreadable()
+
+
+def _parse_rank_request(data: bytes) -> ranker_pb2.RankRequest | _Unreadable:
+    try:
+        return ranker_pb2.RankRequest.FromString(data)
+    except DecodeError:
+        return _UNREADABLE
+
+
+def _rank_handler(servicer: RankerServicer) -> grpc.GenericRpcHandler:
+    """The Ranker service as the generated code would register it, except that undecodable
+    request bytes get INVALID_ARGUMENT; gRPC's own deserialization answers them INTERNAL."""
+
+    def rank(request: ranker_pb2.RankRequest | _Unreadable, context: grpc.ServicerContext):
+        if request is _UNREADABLE:
+            servicer.metrics.requests.labels("Rank", "INVALID_ARGUMENT").inc()
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the request message is not a valid reelrank.v1.RankRequest",
+            )
+        return servicer.Rank(request, context)
+
+    method = grpc.unary_unary_rpc_method_handler(
+        rank,
+        request_deserializer=_parse_rank_request,
+        response_serializer=ranker_pb2.RankResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Rank": method})
 
 
 def create_server(
@@ -203,11 +357,14 @@ def create_server(
     private registry. ``reuse_port`` lets several processes bind the same port; off, a port
     already taken is an error. Raises ``ArtifactError`` or ``ReelrankError`` naming the cause.
     """
-    loaded = artifacts_io.load(config.artifacts_dir)
+    # TLS files first: a typo there is found before seconds of model loading.
+    credentials = server_credentials(config.tls) if config.tls is not None else None
+    loaded_config = resolve_release(config)
+    loaded = artifacts_io.load(loaded_config.artifacts_dir)
     if metrics is None:
         metrics = ServiceMetrics(CollectorRegistry())
     metrics.model_info.labels(loaded.model_version).set(1)
-    reader = OnlineFeatureReader(config.store, loaded.manifest)
+    reader = OnlineFeatureReader(loaded_config.store, loaded.manifest)
     core = RankingCore(loaded, reader, config.ranker)
 
     grpc_server = grpc.server(
@@ -219,7 +376,7 @@ def create_server(
         ],
     )
     servicer = RankerServicer(core, metrics)
-    ranker_pb2_grpc.add_RankerServicer_to_server(servicer, grpc_server)
+    grpc_server.add_generic_rpc_handlers((_rank_handler(servicer),))
     health_servicer = health.HealthServicer()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, NOT_SERVING)
@@ -230,13 +387,17 @@ def create_server(
 
     address = grpc_address(config.host, config.port)
     try:
-        port = grpc_server.add_insecure_port(address)
+        if credentials is None:
+            port = grpc_server.add_insecure_port(address)
+        else:
+            port = grpc_server.add_secure_port(address, credentials)
     except RuntimeError as error:
         reader.close()
         raise ReelrankError(f"cannot listen on {address}: {error} (is the port taken?)") from None
     url = OnlineFeatureReader.redacted_url(config.store.redis_url)
     monitor = _StoreMonitor(reader, health_servicer, metrics, config.health_interval_s, url)
-    return RankingServer(grpc_server, health_servicer, monitor, core, reader, metrics), port
+    server = RankingServer(grpc_server, health_servicer, monitor, servicer, metrics, config)
+    return server, port
 
 
 def serve(config: ServerConfig, log_level: int = logging.INFO) -> int:
@@ -261,6 +422,31 @@ def _stop_event_on_signals() -> threading.Event:
     return stop
 
 
+def _reload_event_on_sighup() -> threading.Event:
+    """An event set by SIGHUP (installed in the main thread): reload the release."""
+    wanted = threading.Event()
+
+    def handle(_signum, _frame):
+        wanted.set()
+
+    signal.signal(signal.SIGHUP, handle)
+    return wanted
+
+
+def _serve_until_stopped(server: RankingServer, stop: threading.Event) -> None:
+    """Wait for ``stop``, reloading the release whenever SIGHUP arrives meanwhile."""
+    reload_wanted = _reload_event_on_sighup()
+    while not stop.wait(0.2):
+        if not reload_wanted.is_set():
+            continue
+        reload_wanted.clear()
+        _log.info("received SIGHUP; reloading")
+        try:
+            server.reload()
+        except ReelrankError as error:
+            _log.error("reload refused: %s", error)
+
+
 def _serve_in_process(config: ServerConfig) -> int:
     stop = _stop_event_on_signals()
     registry = CollectorRegistry()
@@ -271,8 +457,7 @@ def _serve_in_process(config: ServerConfig) -> int:
     server.start()
     _log_started(config, server.model_version, port)
 
-    while not stop.wait(1.0):
-        pass
+    _serve_until_stopped(server, stop)
     server.stop(config.shutdown_grace_s)
     if metrics_http is not None:
         metrics_http.shutdown()
@@ -297,11 +482,13 @@ def _start_metrics_http(config: ServerConfig, registry: CollectorRegistry):
 def _log_started(config: ServerConfig, model_version: str, port: int) -> None:
     metrics = "off" if config.metrics_port is None else f"port {config.metrics_port}"
     _log.info(
-        "serving model %s on %s with %d worker(s); online store %s; metrics %s",
+        "serving model %s on %s (%s) with %d worker(s); online store %s project %s; metrics %s",
         model_version,
         grpc_address(config.host, port),
+        "TLS" if config.tls is not None else "plain TCP",
         config.workers,
         OnlineFeatureReader.redacted_url(config.store.redis_url),
+        resolve_release(config).store.project,
         metrics,
     )
 
@@ -319,8 +506,7 @@ def _worker_main(config: ServerConfig, index: int, events, log_level: int) -> No
     events.put(("ready", index, os.getpid()))
     _log.info("worker %d serving", index)
 
-    while not stop.wait(1.0):
-        pass
+    _serve_until_stopped(server, stop)
     server.stop(config.shutdown_grace_s)
     _log.info("worker %d stopped", index)
 
@@ -339,14 +525,15 @@ class _Supervisor:
 
     def run(self) -> int:
         # Check the artifacts once here, so a bad directory is one clear error, not N.
-        artifacts_io.read_manifest(self.config.artifacts_dir)
+        artifacts_dir = resolve_release(self.config).artifacts_dir
+        artifacts_io.read_manifest(artifacts_dir)
         stop = _stop_event_on_signals()
         with _reserve_port(self.config.host, self.config.port) as port:
             self.config = replace(self.config, port=port)
             metrics_http = self._start_metrics()
             try:
                 self._start_workers()
-                manifest = artifacts_io.read_manifest(self.config.artifacts_dir, verify=False)
+                manifest = artifacts_io.read_manifest(artifacts_dir, verify=False)
                 _log_started(self.config, manifest["model_version"], port)
                 status = self._watch(stop)
                 status = max(status, self._stop_workers())
@@ -400,8 +587,16 @@ class _Supervisor:
                 )
 
     def _watch(self, stop: threading.Event) -> int:
-        """Restart workers that die until ``stop`` is set; 1 if they die too often."""
+        """Restart workers that die until ``stop`` is set, pass SIGHUP on to them; 1 if they
+        die too often."""
+        reload_wanted = _reload_event_on_sighup()
         while not stop.wait(0.5):
+            if reload_wanted.is_set():
+                reload_wanted.clear()
+                _log.info("received SIGHUP; asking %d workers to reload", len(self.workers))
+                for process in self.workers.values():
+                    if process.pid is not None and process.is_alive():
+                        os.kill(process.pid, signal.SIGHUP)
             for index, process in list(self.workers.items()):
                 if process.is_alive():
                     continue

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,9 +22,11 @@ from ranker.metrics import ServiceMetrics
 from ranker.online_store import (
     OnlineFeatureReader,
     OnlineStoreError,
+    OnlineStoreTimeout,
     OnlineStoreUnavailable,
     StaleFeatures,
 )
+from ranker.predictor import Scorer
 from training.artifacts import Artifacts
 from training.errors import ReelrankError
 from training.features import build_matrix
@@ -45,6 +48,13 @@ class RankerConfig:
     """A call with less time left than this fails with DEADLINE_EXCEEDED before reading."""
     error_log_interval_s: float = 5.0
     """Server-side errors of one status code are logged at most once per this many seconds."""
+    max_explained_movies: int = 100
+    """Most movies one explained answer may return (``top_k``, else all candidates)."""
+    compiled_trees: bool = True
+    """Score with the model compiled to native code once it is built and proven identical
+    to LightGBM (:mod:`ranker.predictor`); LightGBM scores until then."""
+    compiled_trees_dir: Path | None = None
+    """Cache of compiled models; None means ``$REELRANK_CACHE_DIR/compiled-models``."""
 
 
 class InvalidRequest(ReelrankError):
@@ -85,6 +95,9 @@ class RankingCore:
         self.reader = reader
         self.config = config
         self.feature_names = artifacts.model.feature_names
+        self.scorer = Scorer(artifacts.model)
+        if config.compiled_trees:
+            self.scorer.use_compiled(config.compiled_trees_dir)
 
     @property
     def model_version(self) -> str:
@@ -121,17 +134,21 @@ class RankingCore:
         candidate_ids: np.ndarray,
         top_k: int = 0,
         explain: bool = False,
+        time_remaining_s: float | None = None,
     ) -> Ranking:
         """Score each distinct candidate for ``user_id`` and return the best ``top_k``.
 
-        Raises :class:`InvalidRequest`, ``OnlineStoreUnavailable`` or ``StaleFeatures``.
+        ``time_remaining_s`` is what is left of the caller's deadline (None: no deadline); the
+        store read waits at most that long, or the store's socket timeout if shorter. Raises
+        :class:`InvalidRequest`, :class:`RequestDeadlineExceeded`, ``OnlineStoreUnavailable``
+        or ``StaleFeatures``.
         """
         candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
         self.validate(user_id, candidate_ids, top_k)
 
         unique, first_index = np.unique(candidate_ids, return_index=True)
         distinct = unique[np.argsort(first_index, kind="stable")]
-        rows = self.reader.read(user_id, distinct)
+        rows = self._read(user_id, distinct, time_remaining_s)
 
         found = np.asarray(rows.movie_found, dtype=bool)
         movie_ids = distinct[found]
@@ -142,7 +159,7 @@ class RankingCore:
             )
         movies = {name: values[found] for name, values in rows.movies.items()}
         matrix = build_matrix(rows.user, movies, self.artifacts.model.constants)
-        scores = self.artifacts.model.score(matrix).astype(np.float32)
+        scores = self.scorer.score(matrix).astype(np.float32)
 
         # Rank on the float32 scores the caller sees, so equal shown scores tie-break by id.
         order = np.lexsort((movie_ids, -scores))
@@ -158,6 +175,18 @@ class RankingCore:
             ranking.contributions = contributions[:, :-1]
             ranking.base_value = float(contributions[0, -1])
         return ranking
+
+    def _read(self, user_id: int, movie_ids: np.ndarray, time_remaining_s: float | None):
+        store_timeout_s = self.reader.config.socket_timeout_s
+        if time_remaining_s is None or time_remaining_s >= store_timeout_s:
+            return self.reader.read(user_id, movie_ids, timeout_s=store_timeout_s)
+        try:
+            return self.reader.read(user_id, movie_ids, timeout_s=max(time_remaining_s, 0.0))
+        except OnlineStoreTimeout:
+            raise RequestDeadlineExceeded(
+                f"the online store did not answer within the call's remaining "
+                f"{time_remaining_s * 1e3:.1f} ms; allow more time"
+            ) from None
 
 
 def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
@@ -206,6 +235,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
 
     def __init__(self, core: RankingCore, metrics: ServiceMetrics):
         self.core = core
+        """The (model, reader) pair; a hot reload replaces it, so each call reads it once."""
         self.metrics = metrics
         self._error_log = _ThrottledLog(core.config.error_log_interval_s)
 
@@ -213,7 +243,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         started = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
         try:
-            response = self._rank(request, request_id, context)
+            response = self._rank(self.core, request, request_id, context)
             code, message = grpc.StatusCode.OK, ""
         except Exception as error:  # every failure becomes a status below, none escapes as UNKNOWN
             code, message = status_for(error)
@@ -235,43 +265,60 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             context.abort(code, message)
         return response
 
-    def _rank(self, request, request_id: str, context) -> ranker_pb2.RankResponse:
-        if len(request.request_id) > self.core.config.max_request_id_chars:
+    def _rank(self, core: RankingCore, request, request_id: str, context):
+        if len(request.request_id) > core.config.max_request_id_chars:
             raise InvalidRequest(
                 "request_id",
                 request.request_id[:32] + "...",
-                f"at most {self.core.config.max_request_id_chars} characters",
+                f"at most {core.config.max_request_id_chars} characters",
             )
-        self._check_budget(context)
+        self._check_explain(core, request)
+        self._check_budget(core, context)
         candidate_ids = np.array(request.candidate_ids, dtype=np.int64)
-        ranking = self.core.rank(request.user_id, candidate_ids, request.top_k, request.explain)
+        ranking = core.rank(
+            request.user_id,
+            candidate_ids,
+            request.top_k,
+            request.explain,
+            time_remaining_s=context.time_remaining(),
+        )
 
         if ranking.user_cold_start:
             self.metrics.features_missing.labels("user").inc()
         if len(ranking.not_found_ids):
             self.metrics.features_missing.labels("movie").inc(len(ranking.not_found_ids))
         self.metrics.candidates.observe(ranking.scored_count + len(ranking.not_found_ids))
-        return self._to_response(ranking, request_id)
+        return self._to_response(core, ranking, request_id)
 
-    def _check_budget(self, context) -> None:
+    def _check_explain(self, core: RankingCore, request) -> None:
+        """Contributions cost one message per feature and movie: bound how many are asked."""
+        limit = core.config.max_explained_movies
+        returned = request.top_k if request.top_k > 0 else len(request.candidate_ids)
+        if request.explain and returned > limit:
+            raise InvalidRequest(
+                "explain",
+                True,
+                f"contributions are given for at most {limit} movies; set top_k to {limit} or less",
+            )
+
+    def _check_budget(self, core: RankingCore, context) -> None:
         """Refuse to start a call whose deadline has all but passed.
 
-        The online store read itself is bounded by the store's socket timeout
-        (``OnlineStoreConfig.socket_timeout_s``), not by the caller's deadline: the caller still
-        gets DEADLINE_EXCEEDED on time from gRPC, and this thread is free again after at most
-        that timeout. Keep the socket timeout near the callers' deadlines.
+        The online store read that follows waits at most the rest of the caller's deadline
+        (or the store's socket timeout, if shorter), so this thread is free again soon after
+        the caller has given up.
         """
         remaining_s = context.time_remaining()
-        if remaining_s is not None and remaining_s < self.core.config.min_budget_s:
+        if remaining_s is not None and remaining_s < core.config.min_budget_s:
             raise RequestDeadlineExceeded(
                 f"the call's deadline leaves {remaining_s * 1e3:.1f} ms, too little to read "
                 "features; allow more time"
             )
 
-    def _to_response(self, ranking: Ranking, request_id: str) -> ranker_pb2.RankResponse:
-        titles = self.core.artifacts.titles
+    def _to_response(self, core: RankingCore, ranking: Ranking, request_id: str):
+        titles = core.artifacts.titles
         response = ranker_pb2.RankResponse(
-            model_version=self.core.model_version,
+            model_version=core.model_version,
             request_id=request_id,
             user_cold_start=ranking.user_cold_start,
             not_found_ids=ranking.not_found_ids.tolist(),
@@ -285,11 +332,11 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
                 movie_id=movie_id, score=score, title=titles.get(movie_id, "")
             )
             if ranking.contributions is not None:
-                self._add_contributions(movie, ranking.contributions[row])
+                self._add_contributions(core, movie, ranking.contributions[row])
         return response
 
-    def _add_contributions(self, movie: ranker_pb2.ScoredMovie, values: np.ndarray) -> None:
-        names = self.core.feature_names
+    def _add_contributions(self, core, movie: ranker_pb2.ScoredMovie, values) -> None:
+        names = core.feature_names
         for index in np.lexsort((np.arange(len(values)), -np.abs(values))):
             movie.contributions.add(feature=names[index], contribution=float(values[index]))
 
