@@ -106,53 +106,24 @@ def tiny_artifacts(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[str]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private, memory-only redis-server for this test session; yields its URL (db 0).
 
     Tests never touch the Redis a developer or CI already runs on 6379.
     """
     import shutil
-    import subprocess
-    import time
 
-    import redis
+    from benchmarks.harness import OwnRedis
 
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError(f"private redis-server on port {port} did not start") from None
-            time.sleep(0.05)
+    server = OwnRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
     try:
-        yield url
+        yield server.url
     finally:
-        client.close()
-        process.terminate()
-        process.wait(timeout=10)
+        server.stop()
 
 
 @pytest.fixture()
@@ -163,3 +134,21 @@ def redis_url(redis_server: str) -> str:
     with redis.Redis.from_url(redis_server) as client:
         client.flushdb()
     return redis_server
+
+
+@pytest.fixture(scope="session")
+def second_artifacts(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another training run on the same data (another seed): a second model version."""
+    from training.pipeline import train
+
+    out = tmp_path_factory.mktemp("tiny-artifacts-2") / "artifacts"
+    train(tiny_data, out, tiny_train_config(), seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_artifacts: Path):
+    """``tiny_artifacts`` loaded once (read-only)."""
+    from training import artifacts
+
+    return artifacts.load(tiny_artifacts)

@@ -28,22 +28,6 @@ needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not i
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_artifacts: Path) -> artifacts_io.Artifacts:
-    return artifacts_io.load(tiny_artifacts)
-
-
-@pytest.fixture(scope="module")
-def second_artifacts(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Another training run on the same data (another seed): a different model version."""
-    from tests.conftest import tiny_train_config
-    from training.pipeline import train
-
-    out = tmp_path_factory.mktemp("tiny-artifacts-2") / "artifacts"
-    train(tiny_data, out, tiny_train_config(), seed=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def compiled_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache of compiled models private to this module."""
     return tmp_path_factory.mktemp("compiled-models")

@@ -39,17 +39,6 @@ def _needs_redis_server() -> None:
 
 
 @pytest.fixture(scope="module")
-def second_artifacts(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Another training run on the same data (another seed): a second model version."""
-    from tests.conftest import tiny_train_config
-    from training.pipeline import train
-
-    out = tmp_path_factory.mktemp("tiny-artifacts-b") / "artifacts"
-    train(tiny_data, out, tiny_train_config(), seed=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def bed(tiny_artifacts, second_artifacts, tmp_path_factory) -> Iterator[faults.Bed]:
     """Both versions materialized into their own projects, a server on the first."""
     bed = faults.open_bed(tmp_path_factory.mktemp("bed"), [tiny_artifacts, second_artifacts])

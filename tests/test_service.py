@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,11 +24,11 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from benchmarks.harness import OwnRedis, ServeProcess, free_port, wait_until
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker.online_store import OnlineStoreConfig
 from ranker.server import RankingServer, ServerConfig, create_server
 from ranker.service import RankerConfig
-from training import artifacts as artifacts_io
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODE_CLIENT = REPO_ROOT / "tests" / "node_client"
@@ -43,25 +42,6 @@ def _materialize(artifacts_dir: Path, redis_url: str, repo: Path) -> None:
 
     config = MaterializeConfig(artifacts_dir, repo=repo, redis_url=redis_url, progress=False)
     materialize(config)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_artifacts: Path) -> artifacts_io.Artifacts:
-    return artifacts_io.load(tiny_artifacts)
 
 
 @pytest.fixture(scope="module")
@@ -346,45 +326,13 @@ def test_health_turns_not_serving_at_shutdown(tiny_artifacts, store_url) -> None
         server.stop(0)
 
 
-class _OwnRedis:
-    """A redis-server only this test uses, so it can be stopped, paused and restarted."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1"]
-            + ["--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-
-        def answers() -> bool:
-            try:
-                return client.ping()
-            except redis.ConnectionError:
-                return False
-
-        _wait_until(answers, 10, f"redis-server on port {self.port}")
-        client.close()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
 @pytest.mark.integration
-def test_store_outage_fails_fast_and_the_same_server_recovers(tiny_artifacts, feast_repo) -> None:
+def test_store_outage_fails_fast_and_the_same_server_recovers(
+    tiny_artifacts, feast_repo, tmp_path
+) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    store = _OwnRedis(_free_port())
+    store = OwnRedis(tmp_path / "redis")
     store.start()
     server = None
     try:
@@ -405,22 +353,22 @@ def test_store_outage_fails_fast_and_the_same_server_recovers(tiny_artifacts, fe
                 return health.Check(request, timeout=DEADLINE_S).status
 
             serving = health_pb2.HealthCheckResponse.SERVING
-            _wait_until(lambda: status() == serving, 10, "SERVING")
+            wait_until(lambda: status() == serving, 10, "SERVING")
             assert _rank(stub, 1, [1, 2]).movies
 
             _check_paused_store(store, stub, status)
-            _wait_until(lambda: status() == serving, 10, "SERVING after the pause")
+            wait_until(lambda: status() == serving, 10, "SERVING after the pause")
             assert _rank(stub, 1, [1, 2]).movies
 
             _check_stopped_store(store, stub, status, tiny_artifacts, feast_repo)
-            _wait_until(lambda: status() == serving, 10, "SERVING after the restart")
+            wait_until(lambda: status() == serving, 10, "SERVING after the restart")
     finally:
         if server is not None:
             server.stop(0)
         store.stop()
 
 
-def _check_paused_store(store: _OwnRedis, stub, status) -> None:
+def _check_paused_store(store: OwnRedis, stub, status) -> None:
     """A frozen Redis (connections open, no answers): calls end by their deadline."""
     store.process.send_signal(signal.SIGSTOP)
     try:
@@ -434,12 +382,12 @@ def _check_paused_store(store: _OwnRedis, stub, status) -> None:
             )
             assert time.monotonic() - started < 1.0
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        _wait_until(lambda: status() == not_serving, 10, "NOT_SERVING while Redis is frozen")
+        wait_until(lambda: status() == not_serving, 10, "NOT_SERVING while Redis is frozen")
     finally:
         store.process.send_signal(signal.SIGCONT)
 
 
-def _check_stopped_store(store: _OwnRedis, stub, status, tiny_artifacts, feast_repo) -> None:
+def _check_stopped_store(store: OwnRedis, stub, status, tiny_artifacts, feast_repo) -> None:
     """A stopped Redis: UNAVAILABLE at once with a message naming the store."""
     store.stop()
     started = time.monotonic()
@@ -449,7 +397,7 @@ def _check_stopped_store(store: _OwnRedis, stub, status, tiny_artifacts, feast_r
     assert f"127.0.0.1:{store.port}" in caught.value.details()
     assert time.monotonic() - started < 2.0
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    _wait_until(lambda: status() == not_serving, 10, "NOT_SERVING while Redis is down")
+    wait_until(lambda: status() == not_serving, 10, "NOT_SERVING while Redis is down")
 
     store.start()
     _materialize(tiny_artifacts, store.url, feast_repo)
@@ -460,7 +408,7 @@ def _check_stopped_store(store: _OwnRedis, stub, status, tiny_artifacts, feast_r
 def test_stale_features_are_unavailable_with_a_message(tiny_artifacts, tmp_path) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    store = _OwnRedis(_free_port())
+    store = OwnRedis(tmp_path / "redis")
     store.start()
     try:
         # An empty store holds no materialization of the served model version.
@@ -482,43 +430,9 @@ def test_stale_features_are_unavailable_with_a_message(tiny_artifacts, tmp_path)
     assert "no complete materialization" in server.monitor.problem
 
 
-class _ServeProcess:
-    """`reelrank serve` in a child process, its log collected line by line."""
-
-    def __init__(self, *args: str):
-        command = [sys.executable, "-m", "ranker.cli", "serve", *args]
-        self.process = subprocess.Popen(
-            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO_ROOT
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    def wait_for_port(self, timeout_s: float = 90) -> int:
-        pattern = re.compile(r"serving model \S+ on 127\.0\.0\.1:(\d+)")
-
-        def started() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError("reelrank serve exited:\n" + "".join(self.lines))
-            return any(pattern.search(line) for line in self.lines)
-
-        _wait_until(started, timeout_s, "the start-up line of reelrank serve")
-        return int(next(pattern.search(x) for x in self.lines if pattern.search(x)).group(1))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=30)
-        self._reader.join(timeout=5)
-
-
 @pytest.mark.integration
 def test_sigterm_finishes_in_flight_calls_and_exits_0(tiny_artifacts, store_url) -> None:
-    serve = _ServeProcess(
+    serve = ServeProcess(
         "--artifacts", str(tiny_artifacts), "--port", "0", "--redis-url", store_url,
         "--store-timeout-ms", "5000",
     )  # fmt: skip
@@ -561,8 +475,8 @@ def test_sigterm_finishes_in_flight_calls_and_exits_0(tiny_artifacts, store_url)
 def test_workers_share_the_port_and_sum_their_metrics(tiny_artifacts, store_url) -> None:
     import psutil
 
-    metrics_port = _free_port()
-    serve = _ServeProcess(
+    metrics_port = free_port()
+    serve = ServeProcess(
         "--artifacts", str(tiny_artifacts), "--port", "0", "--redis-url", store_url,
         "--workers", "2", "--metrics-port", str(metrics_port),
     )  # fmt: skip
@@ -648,7 +562,7 @@ def test_rank_and_health_commands(running, loaded, monkeypatch, capsys) -> None:
     assert re.search(r"\b[1-5]\.\d{4}\b", printed)
     assert "not found (not scored): 90001" in printed
 
-    closed = _free_port()
+    closed = free_port()
     unreachable = ["--target", f"127.0.0.1:{closed}", "--deadline-s", "0.5"]
     monkeypatch.setattr(sys, "argv", ["reelrank", "rank", "--user", "2", *unreachable])
     with pytest.raises(SystemExit) as exited:
