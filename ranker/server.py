@@ -433,10 +433,20 @@ def _reload_event_on_sighup() -> threading.Event:
     return wanted
 
 
-def _serve_until_stopped(server: RankingServer, stop: threading.Event) -> None:
-    """Wait for ``stop``, reloading the release whenever SIGHUP arrives meanwhile."""
+def _serve_until_stopped(
+    server: RankingServer, stop: threading.Event, supervisor_pid: int | None = None
+) -> None:
+    """Wait for ``stop``, reloading the release whenever SIGHUP arrives meanwhile.
+
+    A worker also stops when its supervisor is gone (``supervisor_pid`` is no longer its
+    parent): a supervisor killed with SIGKILL cannot forward anything, and an orphaned worker
+    would keep the port and serve a release nobody manages.
+    """
     reload_wanted = _reload_event_on_sighup()
     while not stop.wait(0.2):
+        if supervisor_pid is not None and os.getppid() != supervisor_pid:
+            _log.warning("the supervisor (pid %d) is gone; stopping", supervisor_pid)
+            break
         if not reload_wanted.is_set():
             continue
         reload_wanted.clear()
@@ -496,6 +506,7 @@ def _log_started(config: ServerConfig, model_version: str, port: int) -> None:
 def _worker_main(config: ServerConfig, index: int, events, log_level: int) -> None:
     """Body of one worker process (started with spawn, so it configures its own logging)."""
     logging.basicConfig(level=log_level, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
+    supervisor_pid = os.getppid()
     stop = _stop_event_on_signals()
     try:
         server, _port = create_server(config, ServiceMetrics(None), reuse_port=True)
@@ -506,7 +517,7 @@ def _worker_main(config: ServerConfig, index: int, events, log_level: int) -> No
     events.put(("ready", index, os.getpid()))
     _log.info("worker %d serving", index)
 
-    _serve_until_stopped(server, stop)
+    _serve_until_stopped(server, stop, supervisor_pid)
     server.stop(config.shutdown_grace_s)
     _log.info("worker %d stopped", index)
 

@@ -502,6 +502,31 @@ def test_workers_share_the_port_and_sum_their_metrics(tiny_artifacts, store_url)
 
         serve.process.send_signal(signal.SIGTERM)
         assert serve.process.wait(timeout=60) == 0
+        psutil.wait_procs(workers, timeout=30)
+        assert not [w.pid for w in workers if w.is_running()]
+    finally:
+        serve.stop()
+
+
+@pytest.mark.integration
+def test_workers_stop_when_their_supervisor_is_killed(tiny_artifacts, store_url) -> None:
+    """SIGKILL leaves the supervisor no chance to stop its workers; they must notice."""
+    import psutil
+
+    serve = ServeProcess(
+        "--artifacts", str(tiny_artifacts), "--port", "0", "--redis-url", store_url,
+        "--workers", "2",
+    )  # fmt: skip
+    try:
+        serve.wait_for_port()
+        children = psutil.Process(serve.process.pid).children()
+        workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 2
+
+        serve.process.kill()
+        serve.process.wait(timeout=10)
+        _gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"orphaned workers still running: {[w.pid for w in alive]}"
     finally:
         serve.stop()
 
