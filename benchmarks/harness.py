@@ -362,33 +362,57 @@ def feast_repo_copy(folder: Path) -> Path:
 
 
 class ExpectedScores:
-    """Offline scores per model version, to check every served score against the version its
-    answer names."""
+    """Offline answers per model version, to check every served answer against the version
+    it names: the scores of the offline ranking path (``reelrank recommend``), the predicted
+    ratings of ``reelrank predict``, and that no movie the user rated in training is returned
+    when the service picked the candidates itself."""
 
     def __init__(self, artifacts_dirs: Sequence[Path]):
         from training import artifacts as artifacts_io
 
-        self.models = {}
+        self.loaded = {}
         for folder in artifacts_dirs:
             loaded = artifacts_io.load(folder)
-            self.models[loaded.model_version] = loaded.model
-        self.versions = list(self.models)
+            self.loaded[loaded.model_version] = (loaded, loaded.recommender())
+        self.versions = list(self.loaded)
+        self.models = {version: loaded.model for version, (loaded, _) in self.loaded.items()}
+        """The rating model and feature tables of each version, for drawing known ids."""
 
     def problem(self, request: ranker_pb2.RankRequest, response: ranker_pb2.RankResponse) -> str:
-        """ "" when every score equals the offline score of the answer's model version."""
-        model = self.models.get(response.model_version)
-        if model is None:
+        """ "" when the answer is exactly the offline answer of its model version."""
+        found = self.loaded.get(response.model_version)
+        if found is None:
             return f"answer names unknown model version {response.model_version!r}"
+        loaded, recommender = found
         if not response.movies:
             return ""
         movie_ids = np.array([m.movie_id for m in response.movies], dtype=np.int64)
-        users = np.full(len(movie_ids), request.user_id, dtype=np.int64)
-        expected = model.predict(users, movie_ids).astype(np.float32)
-        served = np.array([m.score for m in response.movies], dtype=np.float32)
-        if not np.array_equal(served, expected):
-            row = int(np.flatnonzero(served != expected)[0])
-            return (
-                f"user {request.user_id} movie {movie_ids[row]}: served {served[row]} under "
-                f"{response.model_version}, offline {expected[row]}"
-            )
+        features = recommender.features(request.user_id, candidate_ids=movie_ids)
+        if features is None:
+            expected = loaded.ranking.popularity(movie_ids)
+        elif not np.array_equal(features.movie_ids, movie_ids):
+            return f"user {request.user_id}: answer movies {movie_ids[:10]} are not all known"
+        else:
+            expected = loaded.ranking.score(features.matrix)
+        if response.user_cold_start != (features is None):
+            return f"user {request.user_id}: cold start {response.user_cold_start} offline not"
+        checks = [("score", [m.score for m in response.movies], expected)]
+        if request.predicted_ratings:
+            users = np.full(len(movie_ids), request.user_id, dtype=np.int64)
+            served = [m.predicted_rating for m in response.movies]
+            checks.append(("predicted_rating", served, loaded.model.predict(users, movie_ids)))
+        for name, served, offline in checks:
+            served = np.asarray(served, dtype=np.float32)
+            offline = np.asarray(offline).astype(np.float32)
+            if not np.array_equal(served, offline):
+                row = int(np.flatnonzero(served != offline)[0])
+                return (
+                    f"user {request.user_id} movie {movie_ids[row]}: served {name} "
+                    f"{served[row]} under {response.model_version}, offline {offline[row]}"
+                )
+        if not request.candidate_ids:
+            user_row, _ = loaded.model.users.lookup(np.array([request.user_id]))
+            rated = np.intersect1d(user_row["user_history_movie_ids"][0], movie_ids)
+            if len(rated):
+                return f"user {request.user_id}: rated movies {rated[:5]} returned"
         return ""

@@ -25,7 +25,8 @@ ANY_WIDTH = 1
 def _schema(join_key: str, fields: tuple[TableField, ...], version_feature: str) -> list[Field]:
     schema = [Field(name=join_key, dtype=Int64)]
     for field in fields:
-        dtype = Array(Float32) if field.is_array else Float32
+        element = Int64 if field.dtype == "int64" else Float32
+        dtype = Array(element) if field.is_array or field.is_list else element
         schema.append(Field(name=field.name, dtype=dtype, description=field.description))
     schema.append(
         Field(
@@ -71,8 +72,9 @@ movie_source = FileSource(
     description="movie table written by `reelrank train`, copied here by `reelrank materialize`",
 )
 
-# Per-user embedding, bias, demographics and rating statistics. TTL 0 (no expiry): a row is
-# valid exactly as long as its model version is served, which readers check, not its age.
+# Per-user embedding, bias, demographics, rating statistics and the training history (rated
+# movie ids and ratings) the ranking model's candidate stage starts from. TTL 0 (no expiry): a
+# row is valid exactly as long as its model version is served, which readers check, not its age.
 user_features = FeatureView(
     name=VIEWS["user"],
     entities=[user],
@@ -96,13 +98,14 @@ movie_features = FeatureView(
     tags={"model": "reelrank two-stage ranker"},
 )
 
-# What the served model reads: every user and movie field (the scoring matrix is built from
-# all of them) plus the two model versions the server checks before scoring.
+# What the service reads: every user and movie field (the ranking model reads the history,
+# embeddings, biases and some side features; the rating model behind predicted_rating reads all
+# the others) plus the two model versions the server checks before scoring.
 ranker = FeatureService(
     name="ranker",
     features=[
         user_features[[f.name for f in user_fields(ANY_WIDTH)] + [VERSION_FEATURES["user"]]],
         movie_features[[f.name for f in movie_fields(ANY_WIDTH)] + [VERSION_FEATURES["movie"]]],
     ],
-    description="features of the two-stage ranker; build its matrix with training.features",
+    description="features of reelrank's ranking and rating models (see training.features)",
 )

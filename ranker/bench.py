@@ -9,8 +9,9 @@ measures, per run:
 * sequential calls on one channel: latency percentiles and calls per second;
 * calls from ``concurrency`` asyncio clients, each on its own connection: the same figures;
 * the naive path on the same requests, in this process: Feast's
-  ``FeatureStore.get_online_features`` for the ``ranker`` feature service, then
-  :func:`training.features.build_matrix` and LightGBM's ``Booster.predict``; its scores are
+  ``FeatureStore.get_online_features`` for the ``ranker`` feature service (the user and the
+  candidates, then the other movies the candidate stage needs), the ranking matrix built by
+  :class:`training.ranking.CandidatePlan` and LightGBM's ``Booster.predict``; its scores are
   compared with the service's.
 
 Every loop is bounded by a request count and a time limit. The load generator shares the
@@ -227,42 +228,60 @@ async def _concurrent(target: str, messages, config: BenchConfig) -> PhaseResult
 
 
 class NaiveRanker:
-    """Feast SDK ``get_online_features`` for the ``ranker`` service, then LightGBM, in-process."""
+    """Feast SDK ``get_online_features`` for the ``ranker`` service, then the ranking model
+    with LightGBM's own predictor, in-process and without any cache."""
 
     def __init__(self, artifacts, repo: Path, redis_url: str, project: str):
         from ranker.materialize import feature_store
 
-        self.model = artifacts.model
+        self.ranking = artifacts.ranking
+        self.constants = artifacts.model.constants
         self.manifest = artifacts.manifest
         self.store = feature_store(repo, redis_url, project)
         self.service = self.store.get_feature_service("ranker")
 
     def scores(self, user_id: int, movie_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The movie ids that have features and their float32 scores, as the service gives."""
-        from training.features import build_matrix
-
         entity_rows = [{"user_id": user_id, "movie_id": m} for m in movie_ids.tolist()]
-        rows = self.store.get_online_features(
+        rows = self._fetch(entity_rows)
+        user, user_found = self._table(rows, "user", 1)
+        _, found = self._table(rows, "movie", len(movie_ids))
+        movie_ids = movie_ids[found]
+        plan = self.ranking.plan(user, movie_ids) if user_found[0] else None
+        if plan is None:
+            return movie_ids, self.ranking.popularity(movie_ids).astype(np.float32)
+
+        needed = plan.needed_movie_ids
+        needed_rows, _ = self._table(
+            self._fetch([{"user_id": user_id, "movie_id": m} for m in needed.tolist()]),
+            "movie",
+            len(needed),
+        )
+        features = plan.features(user, needed_rows, self.constants)
+        return features.movie_ids, self.ranking.score(features.matrix).astype(np.float32)
+
+    def _fetch(self, entity_rows: list[dict]) -> dict:
+        return self.store.get_online_features(
             features=self.service, entity_rows=entity_rows
         ).to_dict()
-        users, _ = self._table(rows, "user", 1)
-        movies, found = self._table(rows, "movie", len(movie_ids))
-        movies = {name: values[found] for name, values in movies.items()}
-        matrix = build_matrix(users, movies, self.model.constants)
-        return movie_ids[found], self.model.score(matrix).astype(np.float32)
 
     def _table(self, rows: dict, entity: str, n: int) -> tuple[dict, np.ndarray]:
-        """Feast's columns of one table as float32 arrays; a row without its model version
-        is a missing row and gets the manifest's defaults, a null value in a row is NaN."""
+        """Feast's columns of one table as the offline tables hold them; a row without its
+        model version is a missing row and gets the manifest's defaults, a null value in a
+        row is NaN."""
         from ranker.online_store import VERSION_FEATURES
+        from training.features import as_lists
 
         table = self.manifest["tables"][entity]
         found = np.array([v is not None for v in rows[VERSION_FEATURES[entity]][:n]], dtype=bool)
         columns = {}
         for spec in table["fields"]:
             name, width = spec["name"], spec["width"]
-            default = np.asarray(table["defaults"][name], dtype=np.float32)
             values = rows[name][:n]
+            if spec.get("variable"):
+                columns[name] = as_lists([v or [] for v in values], spec["dtype"])
+                continue
+            default = np.asarray(table["defaults"][name], dtype=np.float32)
             if width is None:
                 values = [np.nan if v is None else v for v in values]
                 column = np.array(values, dtype=np.float32)
@@ -351,7 +370,9 @@ def _wait(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def started_service(config: BenchConfig, booster, redis_url: str, repo: Path) -> Iterator[tuple]:
+def started_service(
+    config: BenchConfig, boosters: list, redis_url: str, repo: Path
+) -> Iterator[tuple]:
     """Materialize ``config.artifacts`` and run ``reelrank serve`` on a free port; yields the
     target and the server process. The service is stopped with SIGTERM at the end."""
     from ranker.client import wait_until_serving
@@ -368,7 +389,8 @@ def started_service(config: BenchConfig, booster, redis_url: str, repo: Path) ->
         # instead of compiling in the background while it is being measured.
         from ranker.predictor import compile_model, default_cache_dir
 
-        compile_model(booster, default_cache_dir())
+        for booster in boosters:
+            compile_model(booster, default_cache_dir())
     port = _free_port()
     command = [
         sys.executable,
@@ -475,7 +497,9 @@ def run(config: BenchConfig, progress: Callable[[str], None] = _log.info) -> dic
             repo = folder / "feature_repo"
             progress(f"materializing {loaded.model_version} into project {config.project}")
             target, process = stack.enter_context(
-                started_service(config, loaded.model.booster, redis_url, repo)
+                started_service(
+                    config, [loaded.ranking.booster, loaded.model.booster], redis_url, repo
+                )
             )
         else:
             from ranker.materialize import default_repo
@@ -494,7 +518,8 @@ def run(config: BenchConfig, progress: Callable[[str], None] = _log.info) -> dic
 
     return {
         "model_version": loaded.model_version,
-        "n_trees": loaded.model.booster.num_trees(),
+        "n_trees": loaded.ranking.booster.num_trees(),
+        "n_features": loaded.ranking.booster.num_feature(),
         "machine_at_start": started_at,
         "machine_at_end": machine(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},

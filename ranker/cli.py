@@ -104,7 +104,11 @@ def train(
     data: DataOption = None,
     seed: SeedOption = 0,
     ratings_file: Annotated[
-        str, typer.Option("--ratings", help="Ratings file inside --data, e.g. u1.base.")
+        str,
+        typer.Option(
+            "--ratings",
+            help="Ratings to train on, in u.data format: a file inside --data (u1.base) or a path.",
+        ),
     ] = "u.data",
     n_factors: Annotated[int, typer.Option(help="Embedding length.", min=1)] = 32,
     max_epochs: Annotated[int, typer.Option(help="Stage-1 epoch limit.", min=1)] = 40,
@@ -112,7 +116,8 @@ def train(
     l2: Annotated[float, typer.Option(help="Stage-1 L2 penalty on factors.", min=0)] = 0.1,
     bias_l2: Annotated[float, typer.Option(help="Stage-1 L2 penalty on biases.", min=0)] = 0.01,
 ) -> None:
-    """Train stage 1 (embeddings) and stage 2 (LightGBM) and write an artifacts directory."""
+    """Train the rating model (MF embeddings + LightGBM) and the ranking model (candidate stage
+    + LightGBM rank_xendcg) and write an artifacts directory."""
     from training.data import resolve_data_dir
     from training.pipeline import train as run_train
 
@@ -121,8 +126,9 @@ def train(
     timings = manifest["training"]["timings_s"]
     typer.echo(
         f"model {manifest['model_version']} written to {out} "
-        f"({manifest['data']['n_ratings']} ratings, {timings['total_s']:.1f} s; stage-1 "
-        f"out-of-fold RMSE {manifest['metrics']['stage1_out_of_fold_rmse']:.4f})"
+        f"({manifest['data']['n_ratings']} ratings, {timings['total_s']:.1f} s: rating model "
+        f"{timings['rating_total_s']:.1f} s, ranking model {timings['ranking_total_s']:.1f} s; "
+        f"stage-1 out-of-fold RMSE {manifest['metrics']['stage1_out_of_fold_rmse']:.4f})"
     )
 
 
@@ -166,6 +172,32 @@ def predict(
 
 
 @app.command()
+def recommend(
+    artifacts: ArtifactsOption,
+    out: Annotated[Path, typer.Option("--out", help="TSV to write: user_id rank movie_id score.")],
+    k: Annotated[int, typer.Option("--k", help="Movies per user.", min=1)] = 10,
+    users: Annotated[
+        str | None,
+        typer.Option("--users", help="Comma-separated user ids. Default: every user."),
+    ] = None,
+) -> None:
+    """Write every user's top-k unrated movies, ranked by the ranking model."""
+    from training.pipeline import read_user_ids
+    from training.pipeline import recommend as run_recommend
+
+    user_ids = read_user_ids(users) if users is not None else None
+    counts = run_recommend(artifacts, out, k, user_ids)
+    if counts["cold_start_users"]:
+        _log.warning(
+            "cold start: %d users without training interactions (e.g. %s) got the most "
+            "popular movies, scored by popularity",
+            counts["cold_start_users"],
+            counts["cold_start_user_ids"],
+        )
+    typer.echo(f"wrote {counts['rows']} recommendations for {counts['users']} users to {out}")
+
+
+@app.command()
 def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Report directory to write.")],
     data: DataOption = None,
@@ -173,19 +205,38 @@ def evaluate(
     folds: Annotated[
         str, typer.Option("--folds", help="Comma-separated canonical folds.")
     ] = "u1,u2,u3,u4,u5",
+    protocols: Annotated[
+        str,
+        typer.Option(
+            "--protocols",
+            help="rating (canonical folds, RMSE/MAE), ranking (per-user 75/25 split of --seed, "
+            "NDCG/Precision/Recall@10), or both.",
+        ),
+    ] = "rating,ranking",
 ) -> None:
-    """Compare the two-stage model with its baselines on the canonical ML-100K folds."""
+    """Compare the two-stage rating model and the ranking model with their peers."""
     from training.data import resolve_data_dir
     from training.model import TrainConfig
+    from training.pipeline import PROTOCOLS
     from training.pipeline import evaluate as run_evaluate
-    from training.report import rating_table
+    from training.report import ranking_table, rating_table
 
     fold_list = [f.strip() for f in folds.split(",") if f.strip()]
     bad = [f for f in fold_list if f not in {"u1", "u2", "u3", "u4", "u5", "ua", "ub"}]
     if bad or not fold_list:
         raise typer.BadParameter(f"unknown folds {bad}; use u1..u5, ua, ub", param_hint="--folds")
-    metrics = run_evaluate(resolve_data_dir(data), out, TrainConfig(), seed, fold_list)
-    typer.echo(rating_table(metrics))
+    chosen = tuple(p.strip() for p in protocols.split(",") if p.strip())
+    if not chosen or set(chosen) - set(PROTOCOLS):
+        raise typer.BadParameter(
+            f"{protocols!r}: choose from {', '.join(PROTOCOLS)}", param_hint="--protocols"
+        )
+    metrics = run_evaluate(
+        resolve_data_dir(data), out, TrainConfig(), seed, fold_list, protocols=chosen
+    )
+    if "summary" in metrics:
+        typer.echo(rating_table(metrics))
+    if "ranking" in metrics:
+        typer.echo("\n" + ranking_table(metrics["ranking"]))
     typer.echo(f"\nreport written to {out / 'report.md'}")
 
 
@@ -372,7 +423,8 @@ def rank(
         str | None,
         typer.Option(
             "--candidates",
-            help="Comma-separated movie ids. Default: every movie of --artifacts, if given.",
+            help="Comma-separated movie ids. Default: every movie of --artifacts if given, "
+            "else the service's candidate stage picks from the whole catalogue.",
         ),
     ] = None,
     k: Annotated[int, typer.Option("--k", help="How many to show; 0 shows all.", min=0)] = 10,
@@ -385,6 +437,9 @@ def rank(
     ] = None,
     explain: Annotated[
         bool, typer.Option("--explain", help="Show the features that moved each score most.")
+    ] = False,
+    ratings: Annotated[
+        bool, typer.Option("--ratings", help="Show each movie's predicted rating (1-5) too.")
     ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the raw response as JSON.")
@@ -406,7 +461,9 @@ def rank(
     tls = client_tls(tls_ca, tls_client_cert, tls_client_key)
     with RankerClient(ClientConfig(target=target, deadline_s=deadline_s, tls=tls)) as client:
         client.wait_until_connected()
-        response = client.rank(user, candidate_ids, top_k=k, explain=explain)
+        response = client.rank(
+            user, candidate_ids, top_k=k, explain=explain, predicted_ratings=ratings
+        )
     if as_json:
         typer.echo(MessageToJson(response, preserving_proto_field_name=True))
         return
@@ -427,7 +484,7 @@ def _candidate_ids(candidates: str | None, artifacts: Path | None) -> list[int]:
                 param_hint="--candidates",
             ) from None
     if artifacts is None:
-        # The service answers an empty list with INVALID_ARGUMENT explaining why.
+        # No candidates: the service's candidate stage picks them from the whole catalogue.
         return []
     import pandas as pd
 

@@ -78,6 +78,7 @@ class RankerClient:
         top_k: int = 0,
         explain: bool = False,
         request_id: str = "",
+        predicted_ratings: bool = False,
     ) -> ranker_pb2.RankResponse:
         """One Rank call; raises :class:`RankFailed` with the status the service gave."""
         request = ranker_pb2.RankRequest(
@@ -86,6 +87,7 @@ class RankerClient:
             top_k=top_k,
             explain=explain,
             request_id=request_id,
+            predicted_ratings=predicted_ratings,
         )
         try:
             return self.stub.Rank(request, timeout=self.config.deadline_s)
@@ -94,11 +96,11 @@ class RankerClient:
 
 
 def ranking_table(response: ranker_pb2.RankResponse, user_id: int, top_features: int = 3):
-    """A rich table of a response: rank, movie id, title, score and, when explained, the
-    features that moved each score most."""
+    """A rich table of a response: rank, movie id, title, score, the predicted rating when
+    asked for and, when explained, the features that moved each score most."""
     from rich.table import Table
 
-    cold = " (cold start: no features for this user, population defaults used)"
+    cold = " (cold start: no history for this user, ranked by popularity)"
     table = Table(
         title=f"user {user_id}{cold if response.user_cold_start else ''}",
         caption=f"model {response.model_version}; {response.scored_count} candidates scored",
@@ -107,12 +109,17 @@ def ranking_table(response: ranker_pb2.RankResponse, user_id: int, top_features:
     table.add_column("movie_id", justify="right")
     table.add_column("title")
     table.add_column("score", justify="right")
+    rated = any(movie.predicted_rating for movie in response.movies)
+    if rated:
+        table.add_column("predicted rating", justify="right")
     explained = any(movie.contributions for movie in response.movies)
     if explained:
         table.add_column(f"top {top_features} contributions")
 
     for rank, movie in enumerate(response.movies, start=1):
         row = [str(rank), str(movie.movie_id), movie.title or "?", f"{movie.score:.4f}"]
+        if rated:
+            row.append(f"{movie.predicted_rating:.2f}")
         if explained:
             row.append(
                 ", ".join(

@@ -57,7 +57,9 @@ from ranker.online_store import (
     ViewLayout,
     encode_float_lists,
     encode_floats,
+    encode_lists,
     encode_string,
+    field_shape,
     metadata_key,
 )
 from ranker.redis_url import DEFAULT_REDIS_URL, REDIS_URL_ENV, redact, resolve
@@ -413,7 +415,7 @@ class _ViewWriter:
         self.layout = ViewLayout(
             entity,
             self.table["key"],
-            [(f["name"], f["width"]) for f in self.table["fields"]],
+            [(f["name"], field_shape(f)) for f in self.table["fields"]],
             self.project,
         )
 
@@ -461,7 +463,7 @@ class _ViewWriter:
         ids = batch.column(self.table["key"]).to_numpy().astype(np.int64)
         self.written_ids.append(ids)
         values = [self._timestamps(batch.column(self.timestamp_column))]
-        widths = {f["name"]: f["width"] for f in self.table["fields"]}
+        widths = {f["name"]: field_shape(f) for f in self.table["fields"]}
         for name in self.features:
             column = batch.column(self.source_columns.get(name, name))
             if name in widths:
@@ -544,10 +546,15 @@ class _ViewWriter:
         self.store.registry.apply_materialization(self.view, self.project, start, end)
 
 
-def _encode_column(column: pa.Array, width: int | None) -> list[bytes]:
-    """Serialized ``Value`` of every row of a float32 scalar or list column, as Feast writes
-    them: a NaN or null scalar becomes an empty (null) value."""
+def _encode_column(column: pa.Array, width: int | str | None) -> list[bytes]:
+    """Serialized ``Value`` of every row of a float32 scalar, array or list column (``width``
+    is a codec shape, see :func:`ranker.online_store.field_shape`), as Feast writes them: a
+    NaN or null scalar becomes an empty (null) value."""
     n = len(column)
+    if isinstance(width, str):
+        offsets = column.offsets.to_numpy(zero_copy_only=False)
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        return encode_lists(flat, offsets - offsets[0], width)
     if width is None:
         floats = column.to_numpy(zero_copy_only=False).astype(np.float32)
         encoded = encode_floats(floats)

@@ -8,9 +8,11 @@ Feast's layout, ``entity_key_serialization_version`` 3:
   all little-endian;
 * fields: the 4-byte little-endian murmur3 (x86, 32 bit, seed 0) of ``"<view>:<feature>"``,
   plus ``"_ts:<view>"`` holding the row's event time;
-* values: serialized ``feast.types.Value`` messages. Ours use three shapes only: ``float_val``
-  (``0x35`` + float32), ``float_list_val`` (``0x82 0x01`` + length + packed float32) and
-  ``string_val`` (``0x12`` + length + UTF-8); a null scalar (NaN in the tables) is empty.
+* values: serialized ``feast.types.Value`` messages. Ours use four shapes only: ``float_val``
+  (``0x35`` + float32), ``float_list_val`` (``0x82 0x01`` + length + packed float32),
+  ``int64_list_val`` (``0x72`` + length + packed varints) and ``string_val`` (``0x12`` +
+  length + UTF-8); a null scalar (NaN in the tables) is empty. Lists have a fixed length
+  (embeddings, genre flags) or any length (the user's history).
 
 :class:`OnlineFeatureReader` fetches only the fields the model needs for the user and every
 candidate in one pipelined round trip and decodes each field of all rows at once with numpy,
@@ -49,6 +51,7 @@ VERSION_FEATURES = {"user": "user_model_version", "movie": "movie_model_version"
 _FLOAT_TAG = 0x35  # Value.float_val: field 6, wire type 5 (fixed32)
 _FLOAT_LIST_TAG = b"\x82\x01"  # Value.float_list_val: field 16, wire type 2
 _PACKED_TAG = b"\x0a"  # FloatList.val: field 1, packed
+_INT64_LIST_TAG = b"\x72"  # Value.int64_list_val: field 14, wire type 2
 _STRING_TAG = b"\x12"  # Value.string_val: field 2, wire type 2
 _SCALAR = np.dtype([("tag", "u1"), ("value", "<f4")])  # one encoded float_val, 5 bytes
 # How far past its deadline a deadline-bounded read may wait; see OnlineFeatureReader._send_by.
@@ -129,6 +132,105 @@ def encode_float_lists(values: np.ndarray) -> np.ndarray:
     header = np.frombuffer(float_list_header(width), dtype=np.uint8)
     floats = np.ascontiguousarray(values, dtype="<f4").view(np.uint8).reshape(n, 4 * width)
     return np.concatenate([np.broadcast_to(header, (n, len(header))), floats], axis=1)
+
+
+# The codec's name for the shape of a list field of any length, by element type; a scalar's
+# shape is None and a fixed-length array's its width.
+FLOAT_LIST = "float32[]"
+INT64_LIST = "int64[]"
+_LIST_TAGS = {FLOAT_LIST: _FLOAT_LIST_TAG, INT64_LIST: _INT64_LIST_TAG}
+_LIST_DTYPES = {FLOAT_LIST: np.float32, INT64_LIST: np.int64}
+
+
+def field_shape(spec: Mapping) -> int | str | None:
+    """The codec shape of a field described in the manifest: None, a width or a list kind."""
+    if spec.get("variable"):
+        return INT64_LIST if spec.get("dtype") == "int64" else FLOAT_LIST
+    return spec["width"]
+
+
+def encode_lists(flat: np.ndarray, offsets: np.ndarray, shape: str) -> list[bytes]:
+    """``float_list_val`` or ``int64_list_val`` messages of lists of any length: row ``i``
+    holds ``flat[offsets[i]:offsets[i + 1]]``. An empty list is an empty message."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if shape == FLOAT_LIST:
+        payload = np.ascontiguousarray(flat, dtype="<f4").tobytes()
+        ends = 4 * offsets
+    else:
+        payload, sizes = _encode_varints(np.asarray(flat, dtype=np.int64))
+        ends = np.concatenate([[0], np.cumsum(sizes)])[offsets]
+    tag = _LIST_TAGS[shape]
+    headers: dict[int, bytes] = {}
+    values = []
+    for start, stop in zip(ends[:-1].tolist(), ends[1:].tolist()):
+        size = stop - start
+        header = headers.get(size)
+        if header is None:
+            inner = _PACKED_TAG + _varint(size) if size else b""
+            header = headers[size] = tag + _varint(len(inner) + size) + inner
+        values.append(header + payload[start:stop])
+    return values
+
+
+def encode_list(values: np.ndarray, shape: str) -> bytes:
+    """One row's list message; see :func:`encode_lists`."""
+    return encode_lists(values, np.array([0, len(values)]), shape)[0]
+
+
+def decode_list(value: bytes, shape: str) -> np.ndarray | None:
+    """The values of one list message (an empty or null value is an empty list); None when
+    ``value`` is not such a message."""
+    dtype = _LIST_DTYPES[shape]
+    if not value:
+        return np.zeros(0, dtype)
+    tag = _LIST_TAGS[shape]
+    if not value.startswith(tag):
+        return None
+    length, start = _read_varint(value, len(tag))
+    if start + length != len(value):
+        return None
+    if length == 0:
+        return np.zeros(0, dtype)
+    if value[start : start + 1] != _PACKED_TAG:
+        return None
+    size, start = _read_varint(value, start + 1)
+    payload = value[start:]
+    if size != len(payload):
+        return None
+    if shape == FLOAT_LIST:
+        if size % 4:
+            return None
+        return np.frombuffer(payload, dtype="<f4").astype(np.float32)
+    return _decode_varints(payload)
+
+
+def _encode_varints(values: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Protobuf varints of int64 ``values`` (negative ones take 10 bytes, as protobuf writes
+    them) concatenated, and each value's size in bytes."""
+    unsigned = values.view(np.uint64)
+    sizes = np.ones(len(values), dtype=np.int64)
+    for group in range(1, 10):
+        sizes += unsigned >= np.uint64(1 << (7 * group))
+    shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
+    groups = ((unsigned[:, None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)
+    position = np.arange(10)[None, :]
+    groups |= (position < sizes[:, None] - 1).astype(np.uint8) << 7
+    return groups[position < sizes[:, None]].tobytes(), sizes
+
+
+def _decode_varints(payload: bytes) -> np.ndarray | None:
+    """int64 values of concatenated varints; None when the bytes do not end a varint."""
+    data = np.frombuffer(payload, dtype=np.uint8)
+    ends = np.flatnonzero(data < 0x80)
+    if not len(ends) or ends[-1] != len(data) - 1:
+        return None
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    sizes = ends - starts + 1
+    if sizes.max() > 10:
+        return None
+    place = np.arange(len(data)) - np.repeat(starts, sizes)
+    parts = (data & 0x7F).astype(np.uint64) << (place.astype(np.uint64) * np.uint64(7))
+    return np.add.reduceat(parts, starts).view(np.int64)
 
 
 def encode_string(text: str) -> bytes:
@@ -272,6 +374,10 @@ class _TableCodec:
         self.defaults: list[bytes] = []
         self.null_value: list[bytes] = []
         for name, width in layout.fields:
+            if isinstance(width, str):
+                self.defaults.append(encode_list(np.zeros(0, _LIST_DTYPES[width]), width))
+                self.null_value.append(b"")
+                continue
             default = np.asarray(defaults[name], dtype=np.float32)
             if width is None:
                 self.defaults.append(encode_floats(default.reshape(1)).tobytes())
@@ -325,6 +431,8 @@ class _TableCodec:
         )
 
     def _decode_field(self, name, width, column, ids) -> np.ndarray:
+        if isinstance(width, str):
+            return self._decode_lists(name, width, column, ids)
         n = len(column)
         blob = b"".join(column)
         if width is None:
@@ -348,6 +456,19 @@ class _TableCodec:
             f"{'scalar' if width is None else f'array of {width}'} ({column[row][:12]!r}...); "
             "the store holds rows of another layout or embedding width"
         )
+
+    def _decode_lists(self, name, shape: str, column, ids) -> np.ndarray:
+        """A list field, one row at a time (only the one user of a request has lists)."""
+        lists = np.empty(len(column), dtype=object)
+        for row, value in enumerate(column):
+            decoded = decode_list(value, shape)
+            if decoded is None:
+                raise CorruptFeatures(
+                    f"{self.layout.entity} {ids[row]}: stored {name} is not a list of "
+                    f"{shape[:-2]} ({value[:12]!r}...); the store holds rows of another layout"
+                )
+            lists[row] = decoded
+        return lists
 
 
 def _looks_like(value: bytes, width: int | None, header: bytes | None) -> bool:
@@ -428,7 +549,7 @@ class OnlineFeatureReader:
         self._codecs = {}
         for entity in ("user", "movie"):
             table = manifest["tables"][entity]
-            fields = [(f["name"], f["width"]) for f in table["fields"]]
+            fields = [(f["name"], field_shape(f)) for f in table["fields"]]
             layout = ViewLayout(entity, table["key"], fields, config.project)
             self._codecs[entity] = _TableCodec(layout, table["defaults"], self.model_version)
         self.movie_cache: MovieRowCache | None = None
@@ -470,27 +591,52 @@ class OnlineFeatureReader:
         :class:`OnlineStoreTimeout` if Redis does not answer in time and
         :class:`OnlineStoreUnavailable` if it cannot be reached.
         """
-        movie_ids = np.asarray(movie_ids, dtype=np.int64).reshape(-1)
         user_ids = np.array([user_id], dtype=np.int64)
+        user_rows, user_found, movie_rows, movie_found = self._read(user_ids, movie_ids, timeout_s)
+        return OnlineRows(user_rows, movie_rows, bool(user_found[0]), movie_found)
+
+    def read_movies(
+        self,
+        movie_ids: np.ndarray,
+        timeout_s: float | None = None,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Rows of ``movie_ids`` (defaults where missing) and which have a row, as in
+        :meth:`read`. With every row cached there is no round trip at all: the rows were
+        checked when they were cached, and a request reads the store's version record with
+        its user row first."""
+        movie_ids = np.asarray(movie_ids, dtype=np.int64).reshape(-1)
+        cache = self.movie_cache
+        if cache is not None and len(movie_ids):
+            positions = cache.positions(movie_ids)
+            if (positions >= 0).all():
+                return cache.gather(positions), np.ones(len(movie_ids), dtype=bool)
+        _, _, rows, found = self._read(np.zeros(0, np.int64), movie_ids, timeout_s)
+        return rows, found
+
+    def _read(self, user_ids: np.ndarray, movie_ids: np.ndarray, timeout_s: float | None):
+        """The version record, the user rows and the movie rows in one round trip; movie rows
+        of this version come from the cache where it holds them."""
+        movie_ids = np.asarray(movie_ids, dtype=np.int64).reshape(-1)
         users, movies = self._codecs["user"], self._codecs["movie"]
         cache = self.movie_cache
         positions = cache.positions(movie_ids) if cache is not None else None
         missed = movie_ids if positions is None else movie_ids[positions < 0]
         request = self._version_query + users.commands(user_ids) + movies.commands(missed)
 
-        replies = self._round_trip(request, 2 + len(missed), timeout_s)
+        n_users = len(user_ids)
+        replies = self._round_trip(request, 1 + n_users + len(missed), timeout_s)
         self._check_store_version(replies[0])
-        user_rows, user_found = users.decode(replies[1:2], user_ids)
-        missed_rows, missed_found = movies.decode(replies[2:], missed)
+        user_rows, user_found = users.decode(replies[1 : 1 + n_users], user_ids)
+        missed_rows, missed_found = movies.decode(replies[1 + n_users :], missed)
         if cache is None:
-            return OnlineRows(user_rows, missed_rows, bool(user_found[0]), missed_found)
+            return user_rows, user_found, missed_rows, missed_found
 
         # The store's version record and the rows just read are this reader's version (both
         # checked above), so they may join the cache of that version.
         found_rows = {name: values[missed_found] for name, values in missed_rows.items()}
         cache.add(missed[missed_found], found_rows, self.model_version)
         movie_rows, movie_found = _merge(positions, cache, missed_rows, missed_found)
-        return OnlineRows(user_rows, movie_rows, bool(user_found[0]), movie_found)
+        return user_rows, user_found, movie_rows, movie_found
 
     def features(
         self,

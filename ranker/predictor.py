@@ -3,9 +3,11 @@
 LightGBM walks its trees in a generic interpreter; treelite reads the same model and tl2cgen
 turns it into C compiled with the system's ``gcc`` into a shared library, about three times
 faster per row here. The served score must stay exactly LightGBM's, so a compiled library is
-used only after it has scored a check matrix (every movie of the artifacts for a few users and
-a cold-start user, unknown movie included, so NaN and default rows are covered) and agreed with
-``Booster.predict`` bit for bit; otherwise, or when no compiler is present, LightGBM scores.
+used only after it has scored a check matrix and agreed with ``Booster.predict`` bit for bit;
+otherwise, or when no compiler is present, LightGBM scores. The check matrix of the rating
+model holds every movie of the artifacts for a few users and a cold-start user, unknown movie
+included, so NaN and default rows are covered; the ranking model's holds every movie for a few
+users (:func:`ranking_check_matrix`).
 
 Compiling takes seconds to tens of seconds, so :class:`Scorer` starts with LightGBM and swaps
 the compiled library in from a background thread once it is built and checked. Libraries are
@@ -24,6 +26,7 @@ import platform
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +104,8 @@ class CompiledTrees:
 
 
 def check_matrix(model) -> np.ndarray:
-    """Rows to compare the two predictors on: every movie (and an unknown one) for a few
-    known users and a cold-start user."""
+    """Rating-model rows to compare the two predictors on: every movie (and an unknown one)
+    for a few known users and a cold-start user."""
     user_ids = np.append(model.users.ids[:CHECK_USERS], -1)
     movie_ids = np.append(model.movies.ids, -1)
     users = np.repeat(user_ids, len(movie_ids))
@@ -111,18 +114,34 @@ def check_matrix(model) -> np.ndarray:
     return matrix
 
 
-def same_scores(model, compiled: CompiledTrees, matrix: np.ndarray) -> bool:
+def ranking_check_matrix(recommender) -> np.ndarray:
+    """Ranking-model rows to compare the two predictors on: every catalogue movie for a few
+    users of the training data."""
+    movie_ids = recommender.ranking.catalogue.movie_ids
+    matrices = []
+    for user_id in recommender.users.ids[:CHECK_USERS].tolist():
+        features = recommender.features(user_id, candidate_ids=movie_ids)
+        if features is not None:
+            matrices.append(features.matrix)
+    return np.vstack(matrices) if matrices else np.zeros((0, 0))
+
+
+def same_scores(booster, compiled: CompiledTrees, matrix: np.ndarray) -> bool:
     """Whether ``compiled`` gives exactly LightGBM's raw output on every row of ``matrix``."""
-    expected = model.booster.predict(matrix, num_threads=1)
+    if not len(matrix):
+        return False
+    expected = booster.predict(matrix, num_threads=1)
     return bool(np.array_equal(compiled.predict(matrix), expected))
 
 
 class Scorer:
-    """Scores scoring-matrix rows as :meth:`TwoStageModel.score` does, with compiled trees once
-    they are built and proven identical. Safe to share between threads."""
+    """Scores model rows as ``model.score`` does (a :class:`TwoStageModel` or a
+    :class:`RankingModel`), with compiled trees once they are built and proven identical on
+    ``check_rows()``. Safe to share between threads."""
 
-    def __init__(self, model):
+    def __init__(self, model, check_rows: Callable[[], np.ndarray]):
         self.model = model
+        self.check_rows = check_rows
         self._compiled: CompiledTrees | None = None
         self._thread: threading.Thread | None = None
 
@@ -132,13 +151,11 @@ class Scorer:
         return "tl2cgen" if self._compiled is not None else "lightgbm"
 
     def score(self, matrix: np.ndarray) -> np.ndarray:
-        """Predicted ratings ``(n,)`` float64 for ``matrix`` ``(n, n_features)``, clipped to the
-        rating range."""
+        """``model.score(matrix)``, ``(n,)`` float64, for ``matrix`` ``(n, n_features)``."""
         compiled = self._compiled
         if compiled is None:
             return self.model.score(matrix)
-        constants = self.model.constants
-        return np.clip(compiled.predict(matrix), constants.rating_min, constants.rating_max)
+        return self.model.score(matrix, raw=compiled.predict(matrix))
 
     def use_compiled(self, cache_dir: Path | None = None, background: bool = True) -> None:
         """Compile (or load from ``cache_dir``) and check the trees, then serve with them;
@@ -162,7 +179,7 @@ class Scorer:
     def _load(self, cache_dir: Path) -> None:
         try:
             compiled = CompiledTrees(compile_model(self.model.booster, cache_dir))
-            identical = same_scores(self.model, compiled, check_matrix(self.model))
+            identical = same_scores(self.model.booster, compiled, self.check_rows())
         except Exception as error:  # a missing compiler or a tool failure: LightGBM scores on
             _log.warning("compiled trees unavailable (%s); LightGBM scores", error)
             return

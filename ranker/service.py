@@ -20,16 +20,18 @@ import numpy as np
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker.metrics import ServiceMetrics
 from ranker.online_store import (
+    CorruptFeatures,
     OnlineFeatureReader,
     OnlineStoreError,
     OnlineStoreTimeout,
     OnlineStoreUnavailable,
     StaleFeatures,
 )
-from ranker.predictor import Scorer
+from ranker.predictor import Scorer, check_matrix, ranking_check_matrix
 from training.artifacts import Artifacts
 from training.errors import ReelrankError
 from training.features import build_matrix
+from training.ranking import FEATURE_NAMES, rank_order
 
 _log = logging.getLogger(__name__)
 
@@ -77,27 +79,40 @@ class Ranking:
     movie_ids: np.ndarray
     """(k,) int64 returned movie ids."""
     scores: np.ndarray
-    """(k,) float32 predicted ratings."""
+    """(k,) float32 ranking-model scores (popularity for a cold-start user)."""
     user_cold_start: bool
     not_found_ids: np.ndarray
     """(m,) int64 candidates without features, in order of first appearance."""
     scored_count: int
+    predicted_ratings: np.ndarray | None = None
+    """(k,) float32 rating-model predictions, only when asked for."""
     contributions: np.ndarray | None = None
     """(k, n_features) float64 per-feature contributions, only when asked to explain."""
     base_value: float = 0.0
 
 
 class RankingCore:
-    """Ranks candidate movies for a user from online features with one loaded model."""
+    """Ranks candidate movies for a user from online features with one loaded model version.
+
+    The path is :class:`training.ranking.Recommender`'s with the online store in place of the
+    feature tables: the user's row (history included) and the candidates' rows come from the
+    store, the candidate stage plans which other movie rows the ranking matrix needs, those
+    come from the store too (in practice from the version's movie-row cache), and the ranking
+    model scores.
+    """
 
     def __init__(self, artifacts: Artifacts, reader: OnlineFeatureReader, config: RankerConfig):
         self.artifacts = artifacts
         self.reader = reader
         self.config = config
-        self.feature_names = artifacts.model.feature_names
-        self.scorer = Scorer(artifacts.model)
+        self.ranking = artifacts.ranking
+        self.constants = artifacts.model.constants
+        self.feature_names = list(FEATURE_NAMES)
+        self.scorer = Scorer(self.ranking, lambda: ranking_check_matrix(artifacts.recommender()))
+        self.rating_scorer = Scorer(artifacts.model, lambda: check_matrix(artifacts.model))
         if config.compiled_trees:
             self.scorer.use_compiled(config.compiled_trees_dir)
+            self.rating_scorer.use_compiled(config.compiled_trees_dir)
 
     @property
     def model_version(self) -> str:
@@ -109,13 +124,6 @@ class RankingCore:
             raise InvalidRequest("user_id", user_id, "user ids are 1 or more")
         if top_k < 0:
             raise InvalidRequest("top_k", top_k, "must be 0 (all) or more")
-        if len(candidate_ids) == 0:
-            raise InvalidRequest(
-                "candidate_ids",
-                [],
-                "at least one candidate is needed: this service has no candidate-generation "
-                "stage yet, so it cannot rank the whole catalogue; send the movie ids to rank",
-            )
         if len(candidate_ids) > self.config.max_candidates:
             raise InvalidRequest(
                 "len(candidate_ids)",
@@ -135,57 +143,87 @@ class RankingCore:
         top_k: int = 0,
         explain: bool = False,
         time_remaining_s: float | None = None,
+        predicted_ratings: bool = False,
     ) -> Ranking:
-        """Score each distinct candidate for ``user_id`` and return the best ``top_k``.
+        """Score each distinct candidate for ``user_id`` and return the best ``top_k``; with
+        no candidates, the candidate stage picks them from the whole catalogue (``top_k`` of
+        them, or ``n_candidates`` when ``top_k`` is 0).
 
         ``time_remaining_s`` is what is left of the caller's deadline (None: no deadline); the
-        store read waits at most that long, or the store's socket timeout if shorter. Raises
+        store reads wait at most that long, or the store's socket timeout if shorter. Raises
         :class:`InvalidRequest`, :class:`RequestDeadlineExceeded`, ``OnlineStoreUnavailable``
         or ``StaleFeatures``.
         """
+        deadline = None if time_remaining_s is None else time.monotonic() + time_remaining_s
         candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
         self.validate(user_id, candidate_ids, top_k)
 
         unique, first_index = np.unique(candidate_ids, return_index=True)
         distinct = unique[np.argsort(first_index, kind="stable")]
-        rows = self._read(user_id, distinct, time_remaining_s)
-
+        rows = self._read(deadline, self.reader.read, user_id, distinct)
         found = np.asarray(rows.movie_found, dtype=bool)
-        movie_ids = distinct[found]
+        found &= self.ranking.catalogue.positions(distinct)[1]
+        requested = distinct[found] if len(candidate_ids) else None
         not_found = distinct[~found]
-        if len(movie_ids) == 0:
-            return Ranking(
-                np.zeros(0, np.int64), np.zeros(0, np.float32), not rows.user_found, not_found, 0
-            )
-        movies = {name: values[found] for name, values in rows.movies.items()}
-        matrix = build_matrix(rows.user, movies, self.artifacts.model.constants)
-        scores = self.scorer.score(matrix).astype(np.float32)
 
-        # Rank on the float32 scores the caller sees, so equal shown scores tie-break by id.
-        order = np.lexsort((movie_ids, -scores))
+        plan = None
+        if rows.user_found:
+            n_scored = (top_k or None) if requested is None else None
+            plan = self.ranking.plan(rows.user, requested, n_scored=n_scored)
+        matrix = None
+        if plan is not None:
+            needed = plan.needed_movie_ids
+            needed_rows, needed_found = self._read(deadline, self.reader.read_movies, needed)
+            if not needed_found.all():
+                # Defaults in place of a catalogue movie's row would shift every score.
+                missing = int(needed[~needed_found][0])
+                raise CorruptFeatures(
+                    f"movie {missing} of model version {self.model_version}'s catalogue has no "
+                    f"row in project {self.reader.config.project}, and user {user_id}'s ranking "
+                    "needs it; materialize the model version again"
+                )
+            features = plan.features(rows.user, needed_rows, self.constants)
+            movie_ids, matrix = features.movie_ids, features.matrix
+            scores = self.scorer.score(matrix).astype(np.float32)
+        else:
+            if requested is None:
+                size = top_k or self.ranking.n_candidates
+                requested = self.ranking.catalogue.movie_ids[self.ranking.popular(size)]
+            movie_ids = requested
+            scores = self.ranking.popularity(movie_ids).astype(np.float32)
+
+        order = rank_order(movie_ids, scores)
         if top_k:
             order = order[:top_k]
-        ranking = Ranking(
-            movie_ids[order], scores[order], not rows.user_found, not_found, len(movie_ids)
-        )
-        if explain:
-            contributions = self.artifacts.model.booster.predict(
+        ranking = Ranking(movie_ids[order], scores[order], plan is None, not_found, len(movie_ids))
+        if predicted_ratings and len(order):
+            ranking.predicted_ratings = self._predicted_ratings(deadline, rows, ranking.movie_ids)
+        if explain and matrix is not None and len(order):
+            contributions = self.ranking.booster.predict(
                 matrix[order], pred_contrib=True, num_threads=1
             )
             ranking.contributions = contributions[:, :-1]
             ranking.base_value = float(contributions[0, -1])
         return ranking
 
-    def _read(self, user_id: int, movie_ids: np.ndarray, time_remaining_s: float | None):
+    def _predicted_ratings(self, deadline, rows, movie_ids: np.ndarray) -> np.ndarray:
+        """The rating model's predictions for the user and ``movie_ids``, as ``predict``."""
+        movie_rows, _ = self._read(deadline, self.reader.read_movies, movie_ids)
+        matrix = build_matrix(rows.user, movie_rows, self.constants)
+        return self.rating_scorer.score(matrix).astype(np.float32)
+
+    def _read(self, deadline: float | None, read, *args):
+        """``read(*args, timeout_s=...)`` within the caller's deadline, if any."""
         store_timeout_s = self.reader.config.socket_timeout_s
-        if time_remaining_s is None or time_remaining_s >= store_timeout_s:
-            return self.reader.read(user_id, movie_ids, timeout_s=store_timeout_s)
+        left_s = None if deadline is None else deadline - time.monotonic()
+        if left_s is None or left_s >= store_timeout_s:
+            return read(*args, timeout_s=store_timeout_s)
         try:
-            return self.reader.read(user_id, movie_ids, timeout_s=max(time_remaining_s, 0.0))
+            return read(*args, timeout_s=max(left_s, 0.0))
         except OnlineStoreTimeout:
             raise RequestDeadlineExceeded(
                 f"the online store did not answer within the call's remaining "
-                f"{time_remaining_s * 1e3:.1f} ms; allow more time"
+                f"{left_s * 1e3:.1f} ms; allow more time"
             ) from None
 
 
@@ -281,6 +319,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             request.top_k,
             request.explain,
             time_remaining_s=context.time_remaining(),
+            predicted_ratings=request.predicted_ratings,
         )
 
         if ranking.user_cold_start:
@@ -294,6 +333,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         """Contributions cost one message per feature and movie: bound how many are asked."""
         limit = core.config.max_explained_movies
         returned = request.top_k if request.top_k > 0 else len(request.candidate_ids)
+        if not request.candidate_ids and request.top_k == 0:
+            returned = core.ranking.n_candidates
         if request.explain and returned > limit:
             raise InvalidRequest(
                 "explain",
@@ -331,6 +372,8 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             movie = response.movies.add(
                 movie_id=movie_id, score=score, title=titles.get(movie_id, "")
             )
+            if ranking.predicted_ratings is not None:
+                movie.predicted_rating = float(ranking.predicted_ratings[row])
             if ranking.contributions is not None:
                 self._add_contributions(core, movie, ranking.contributions[row])
         return response

@@ -20,7 +20,13 @@ from ranker.online_store import (
     OnlineStoreTimeout,
     StaleFeatures,
 )
-from ranker.predictor import Scorer, compile_model, library_path
+from ranker.predictor import (
+    Scorer,
+    check_matrix,
+    compile_model,
+    library_path,
+    ranking_check_matrix,
+)
 from ranker.service import RankerConfig, RankingCore, RequestDeadlineExceeded, status_for
 from training import artifacts as artifacts_io
 
@@ -66,9 +72,23 @@ def _bitwise_equal(left: np.ndarray, right: np.ndarray) -> bool:
     )
 
 
+def _rating_scorer(loaded) -> Scorer:
+    return Scorer(loaded.model, lambda: check_matrix(loaded.model))
+
+
+def _ranking_matrix(loaded) -> np.ndarray:
+    """Ranking-model rows of every user of the training data and every movie."""
+    recommender = loaded.recommender()
+    movie_ids = loaded.ranking.catalogue.movie_ids
+    matrices = [
+        recommender.features(int(u), candidate_ids=movie_ids) for u in loaded.model.users.ids
+    ]
+    return np.vstack([f.matrix for f in matrices if f is not None])
+
+
 @needs_gcc
 def test_compiled_trees_score_exactly_as_lightgbm(loaded, compiled_dir) -> None:
-    scorer = Scorer(loaded.model)
+    scorer = _rating_scorer(loaded)
     scorer.use_compiled(compiled_dir, background=False)
     assert scorer.backend == "tl2cgen"
 
@@ -77,6 +97,18 @@ def test_compiled_trees_score_exactly_as_lightgbm(loaded, compiled_dir) -> None:
     assert _bitwise_equal(scorer.score(matrix), loaded.model.score(matrix))
     for rows in (matrix[:1], matrix[17:18], matrix[:10]):
         assert _bitwise_equal(scorer.score(rows), loaded.model.score(rows))
+
+
+@needs_gcc
+def test_compiled_ranking_trees_score_exactly_as_lightgbm(loaded, compiled_dir) -> None:
+    scorer = Scorer(loaded.ranking, lambda: ranking_check_matrix(loaded.recommender()))
+    scorer.use_compiled(compiled_dir, background=False)
+    assert scorer.backend == "tl2cgen"
+
+    matrix = _ranking_matrix(loaded)
+    assert _bitwise_equal(scorer.score(matrix), loaded.ranking.score(matrix))
+    for rows in (matrix[:1], matrix[17:18], matrix[:10]):
+        assert _bitwise_equal(scorer.score(rows), loaded.ranking.score(rows))
 
 
 @needs_gcc
@@ -90,7 +122,7 @@ def test_a_compiled_library_that_differs_is_never_used(
     wrong = compile_model(second.model.booster, compiled_dir)
     shutil.copyfile(wrong, library_path(loaded.model.booster.model_to_string(), cache))
 
-    scorer = Scorer(loaded.model)
+    scorer = _rating_scorer(loaded)
     scorer.use_compiled(cache, background=False)
     assert scorer.backend == "lightgbm"
     matrix, _, _ = loaded.model.features(*_every_pair(loaded.model))

@@ -100,6 +100,17 @@ def _rank(stub, user_id: int, candidate_ids, top_k: int = 0, **fields) -> ranker
 
 
 def _offline_scores(loaded, user_id: int, movie_ids) -> np.ndarray:
+    """What the offline ranking path (`reelrank recommend`) scores the movies with, as the
+    float32 the service returns; popularity for a cold-start user."""
+    movie_ids = np.asarray(movie_ids, dtype=np.int64)
+    features = loaded.recommender().features(user_id, candidate_ids=movie_ids)
+    if features is None:
+        return loaded.ranking.popularity(movie_ids).astype(np.float32)
+    assert np.array_equal(features.movie_ids, movie_ids)
+    return loaded.ranking.score(features.matrix).astype(np.float32)
+
+
+def _offline_ratings(loaded, user_id: int, movie_ids) -> np.ndarray:
     """What `reelrank predict` computes for the pairs, as the float32 the service returns."""
     movie_ids = np.asarray(movie_ids, dtype=np.int64)
     users = np.full(len(movie_ids), user_id, dtype=np.int64)
@@ -150,16 +161,56 @@ def test_ranks_every_candidate_best_first_with_titles(stub, loaded) -> None:
 
 
 @pytest.mark.integration
-def test_scores_equal_offline_predict_exactly(stub, loaded, tiny_artifacts, tmp_path) -> None:
+def test_scores_equal_the_offline_ranking_path_exactly(stub, loaded) -> None:
+    movie_ids = sorted(loaded.titles)
+    for user_id in (1, 7, 30, 9_999):  # 9,999 is unknown: cold start on both paths
+        response = _rank(stub, user_id, movie_ids)
+        assert response.user_cold_start == (user_id == 9_999)
+        served = {m.movie_id: m.score for m in response.movies}
+        got = np.array([served[i] for i in movie_ids], dtype=np.float32)
+        np.testing.assert_array_equal(got, _offline_scores(loaded, user_id, movie_ids))
+        assert all(not m.predicted_rating for m in response.movies)
+
+
+@pytest.mark.integration
+def test_no_candidates_ranks_the_catalogue_as_recommend_does(
+    stub, loaded, tiny_artifacts, tmp_path
+) -> None:
+    from training.pipeline import recommend
+
+    users = [1, 7, 30, 9_999]
+    out = tmp_path / "recommendations.tsv"
+    recommend(tiny_artifacts, out, k=5, user_ids=np.array(users))
+    offline = pd.read_csv(out, sep="\t")
+    for user_id in users:
+        response = _rank(stub, user_id, [], top_k=5)
+        expected = offline[offline["user_id"] == user_id]
+        assert [m.movie_id for m in response.movies] == expected["movie_id"].tolist()
+        # The TSV has 6 decimals; the served float32 is exact.
+        np.testing.assert_allclose(
+            [m.score for m in response.movies], expected["score"], rtol=0, atol=5e-7
+        )
+        assert response.user_cold_start == (user_id == 9_999)
+
+    user_row, _ = loaded.model.users.lookup(np.array([1]))
+    rated = set(user_row["user_history_movie_ids"][0].tolist())
+    everything = _rank(stub, 1, [])
+    returned = [m.movie_id for m in everything.movies]
+    assert len(returned) == min(loaded.ranking.n_candidates, len(loaded.titles) - len(rated))
+    assert not rated & set(returned)
+
+
+@pytest.mark.integration
+def test_predicted_ratings_equal_offline_predict(stub, loaded, tiny_artifacts, tmp_path) -> None:
     from training.pipeline import predict
 
     movie_ids = sorted(loaded.titles)
     pairs = []
     for user_id in (1, 7, 30, 9_999):  # 9,999 is unknown: cold start on both paths
-        response = _rank(stub, user_id, movie_ids)
-        served = {m.movie_id: m.score for m in response.movies}
+        response = _rank(stub, user_id, movie_ids, predicted_ratings=True)
+        served = {m.movie_id: m.predicted_rating for m in response.movies}
         got = np.array([served[i] for i in movie_ids], dtype=np.float32)
-        np.testing.assert_array_equal(got, _offline_scores(loaded, user_id, movie_ids))
+        np.testing.assert_array_equal(got, _offline_ratings(loaded, user_id, movie_ids))
         pairs += [(user_id, movie_id, served[movie_id]) for movie_id in movie_ids]
 
     # The `reelrank predict` command itself, through its TSV: 6 decimals (5e-7) against the
@@ -222,7 +273,7 @@ def test_unknown_user_is_cold_start_and_unknown_movies_are_listed(stub, loaded) 
         ({"user_id": 1, "candidate_ids": [1, 0]}, "candidate_ids[1]=0"),
         ({"user_id": 1, "candidate_ids": [2, 3, -5]}, "candidate_ids[2]=-5"),
         ({"user_id": 1, "candidate_ids": [1], "top_k": -1}, "top_k=-1"),
-        ({"user_id": 1, "candidate_ids": []}, "candidate-generation stage"),
+        ({"user_id": 1, "top_k": -2}, "top_k=-2"),
         (
             {"user_id": 1, "candidate_ids": list(range(1, 502))},
             "len(candidate_ids)=501: at most 500",
@@ -254,13 +305,14 @@ def test_status_codes_come_from_one_mapping() -> None:
 
 
 @pytest.mark.integration
-def test_explain_contributions_add_up_to_the_raw_output(stub, loaded) -> None:
+def test_explain_contributions_add_up_to_the_score(stub, loaded) -> None:
+    from training.ranking import FEATURE_NAMES
+
     response = _rank(stub, 4, [3, 8, 21], explain=True)
-    names = set(loaded.model.feature_names)
-    matrix, _, _ = loaded.model.features(
-        np.full(3, 4), np.array([m.movie_id for m in response.movies])
-    )
-    raw = loaded.model.booster.predict(matrix, num_threads=1)
+    names = set(FEATURE_NAMES)
+    returned = np.array([m.movie_id for m in response.movies])
+    features = loaded.recommender().features(4, candidate_ids=returned)
+    raw = loaded.ranking.booster.predict(features.matrix, num_threads=1)
 
     for movie, expected in zip(response.movies, raw, strict=True):
         assert {c.feature for c in movie.contributions} == names
@@ -268,7 +320,10 @@ def test_explain_contributions_add_up_to_the_raw_output(stub, loaded) -> None:
         assert magnitudes == sorted(magnitudes, reverse=True)
         total = response.base_value + sum(c.contribution for c in movie.contributions)
         assert total == pytest.approx(expected, abs=1e-4)
+        assert total == pytest.approx(movie.score, abs=1e-4)
     assert all(not m.contributions for m in _rank(stub, 4, [3]).movies)
+    # A cold-start answer is popularity, which has no model contributions.
+    assert all(not m.contributions for m in _rank(stub, 9_999, [3], explain=True).movies)
 
 
 @pytest.mark.integration
@@ -584,7 +639,7 @@ def test_rank_and_health_commands(running, loaded, monkeypatch, capsys) -> None:
     printed = capsys.readouterr().out
     shown = [i for i in (1, 2, 3) if loaded.titles[i] in printed]
     assert len(shown) == 2
-    assert re.search(r"\b[1-5]\.\d{4}\b", printed)
+    assert re.search(r"-?\d\.\d{4}\b", printed)
     assert "not found (not scored): 90001" in printed
 
     closed = free_port()

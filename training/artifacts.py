@@ -6,7 +6,9 @@ Layout::
     user_features.parquet    the user table (the Feast offline source of ``user_features``)
     movie_features.parquet   the movie table (the Feast offline source of ``movie_features``)
     movie_titles.parquet     movie_id -> title, for people reading rankings
-    rating_model.txt         stage 2, LightGBM text format
+    rating_model.txt         stage 2 (predicted ratings), LightGBM text format
+    ranking_model.txt        the ranking model the service scores with, LightGBM text format
+    ranking_catalogue.npz    the candidate stage's per-version arrays (no pickles inside)
 
 Nothing here is ever unpickled. Loading verifies every file against the manifest's sha256, so a
 damaged or mixed directory is refused instead of scored with.
@@ -36,15 +38,17 @@ from training.features import (
     Field,
     ScoringConstants,
     feature_names,
+    list_default,
     movie_fields,
     user_fields,
 )
 from training.model import TwoStageModel
+from training.ranking import RankingModel, Recommender
 
 _log = logging.getLogger(__name__)
 
 FORMAT = "reelrank-artifacts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 USER_TABLE = "user_features.parquet"
 MOVIE_TABLE = "movie_features.parquet"
@@ -64,11 +68,18 @@ class Artifacts:
     root: Path
     manifest: dict
     model: TwoStageModel
+    """The rating model (stage 1 + stage 2) and the feature tables."""
+    ranking: RankingModel
+    """The ranking model the service scores with."""
     titles: dict[int, str]
 
     @property
     def model_version(self) -> str:
         return self.manifest["model_version"]
+
+    def recommender(self) -> Recommender:
+        """The offline ranking path over this run's feature tables."""
+        return Recommender(self.ranking, self.model.users, self.model.movies, self.model.constants)
 
 
 def library_versions() -> dict[str, str]:
@@ -83,11 +94,12 @@ def library_versions() -> dict[str, str]:
 
 def save(
     model: TwoStageModel,
+    ranking: RankingModel,
     out_dir: Path | str,
     titles: pd.DataFrame,
     extra: dict,
 ) -> str:
-    """Write ``model`` to ``out_dir`` atomically and return its model version id.
+    """Write both models to ``out_dir`` atomically and return their model version id.
 
     ``extra`` goes into the manifest as is (data fingerprint, config, metrics, ...). The files
     are written to a temporary sibling and swapped in, so a reader never sees half a run.
@@ -98,11 +110,16 @@ def save(
     try:
         model_text = model.booster.model_to_string()
         (staging / RATING_MODEL).write_text(model_text)
+        ranking_entry = ranking.save(staging)
         digest = hashlib.sha256(model_text.encode())
+        digest.update(_sha256(staging / ranking_entry["file"]).encode())
+        digest.update(_sha256(staging / ranking_entry["catalogue"]["file"]).encode())
         for table in (model.users, model.movies):
             digest.update(table.ids.tobytes())
             for values in table.columns.values():
-                digest.update(values.tobytes())
+                chunks = values.tolist() if values.dtype == object else [values]
+                for chunk in chunks:
+                    digest.update(np.ascontiguousarray(chunk).tobytes())
         created = datetime.now(UTC).replace(microsecond=0)
         version = f"{created:%Y%m%d%H%M%S}-{digest.hexdigest()[:10]}"
 
@@ -113,7 +130,7 @@ def save(
             frame.to_parquet(staging / name, index=False)
         titles[["movie_id", "title"]].to_parquet(staging / TITLES, index=False)
 
-        manifest = _manifest(model, version, created, staging, extra)
+        manifest = _manifest(model, ranking_entry, version, created, staging, extra)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         _swap_into_place(staging, out_dir)
     finally:
@@ -122,14 +139,20 @@ def save(
     return version
 
 
-def _manifest(model, version, created, staging: Path, extra: dict) -> dict:
+def _manifest(model, ranking_entry: dict, version, created, staging: Path, extra: dict) -> dict:
     k = model.n_factors
 
     def describe(fields: tuple[Field, ...], table: EntityTable) -> dict:
         return {
             "key": table.key,
             "fields": [
-                {"name": f.name, "dtype": "float32", "width": f.width, "description": f.description}
+                {
+                    "name": f.name,
+                    "dtype": f.dtype,
+                    "width": f.width,
+                    "variable": f.variable,
+                    "description": f.description,
+                }
                 for f in fields
             ],
             "defaults": {n: np.asarray(v).tolist() for n, v in table.defaults.items()},
@@ -143,10 +166,12 @@ def _manifest(model, version, created, staging: Path, extra: dict) -> dict:
         "model_version": version,
         "created_at": created.isoformat(),
         "n_factors": k,
-        "scoring_model": {
+        # What `reelrank serve` ranks with, and what its scores mean.
+        "scoring_model": ranking_entry,
+        "rating_model": {
             "file": RATING_MODEL,
             "kind": "rating",
-            "score": "predicted rating on the 1-5 scale; higher ranks first",
+            "score": "predicted rating on the 1-5 scale (reelrank predict, predicted_rating)",
         },
         "constants": model.constants.__dict__,
         "features": [{"name": n, "dtype": "float64", "source": _source(n)} for n in names],
@@ -233,20 +258,26 @@ def load(root: Path | str) -> Artifacts:
     movies = _read_table(
         root, MOVIE_TABLE, "movie_id", movie_fields(k), manifest["tables"]["movie"]
     )
-    booster = lgb.Booster(model_file=str(root / manifest["scoring_model"]["file"]))
+    booster = lgb.Booster(model_file=str(root / manifest["rating_model"]["file"]))
     if booster.feature_name() != expected:
         raise ArtifactError(f"{root}: the model's features differ from the manifest's")
+    ranking = RankingModel.load(root, manifest["scoring_model"])
+    if not np.array_equal(ranking.catalogue.movie_ids, movies.ids):
+        raise ArtifactError(f"{root}: the ranking catalogue's movies differ from the movie table")
     constants = ScoringConstants(**manifest["constants"])
     titles_frame = pd.read_parquet(root / TITLES)
     titles = dict(zip(titles_frame["movie_id"].tolist(), titles_frame["title"].tolist()))
     model = TwoStageModel(users, movies, constants, booster, k)
-    return Artifacts(root, manifest, model, titles)
+    return Artifacts(root, manifest, model, ranking, titles)
 
 
 def _read_table(root: Path, name: str, key: str, fields, described: dict) -> EntityTable:
     try:
         frame = pd.read_parquet(root / name)
-        defaults = {n: np.asarray(v, np.float32) for n, v in described["defaults"].items()}
+        defaults = {
+            f.name: list_default(f) if f.is_list else np.asarray(described["defaults"][f.name])
+            for f in fields
+        }
         return EntityTable.from_frame(key, frame, fields, defaults)
     except (KeyError, ValueError, OSError) as error:
         raise ArtifactError(f"{root / name} is damaged or incomplete: {error}") from None

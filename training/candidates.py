@@ -2,10 +2,12 @@
 
 A rating of any value is an interaction. From the training interactions this module fits the
 per-version :class:`Catalogue`: EASE item weights (a closed-form ridge regression of every movie
-on all the others, with a zero diagonal), item co-occurrence cosine similarity and popularity.
-A user's candidate-stage score for a movie is the sum of the EASE weights from the movies in the
-user's history to it, so serving needs only the catalogue arrays and the user's rated movie
-ids. Candidates are the best-scoring movies the user has not rated.
+on all the others, with a zero diagonal), item co-occurrence cosine similarity, RP3beta random
+walk weights, closeness in users' rating sequences, and popularity. A user's candidate-stage
+score for a movie is the sum of the EASE weights from the movies in the user's history to it,
+so serving needs only the catalogue arrays and the user's rated movie ids. Candidates are the
+best-scoring movies the user has not rated; the other item-item arrays give the ranking model
+more views of the same history.
 
 The arrays are dense ``(n_movies, n_movies)`` float32, 11 MB each for ML-100K's 1,682 movies;
 a catalogue of tens of thousands of movies would need sparse weights instead.
@@ -36,6 +38,8 @@ class CandidateConfig:
     """EASE ridge penalty; 200-500 is best on ML-100K, 400 tuned on per-user 75/25 splits."""
     n_candidates: int = 50
     """Candidates per user handed to the ranking model (fewer if fewer movies are unrated)."""
+    sequence_window: int = 10
+    """How many places apart in a user's time-ordered ratings two movies still count as close."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class Catalogue:
     """(n_movies, n_movies) float32 cosine similarity of the movies' user sets, zero diagonal."""
     popularity: np.ndarray
     """(n_movies,) float32 interactions per 10,000 training interactions."""
+    rp3_weights: np.ndarray
+    """(n_movies, n_movies) float32 RP3beta walk weights from row to column, zero diagonal."""
+    sequence_weights: np.ndarray
+    """(n_movies, n_movies) float32 closeness in users' time-ordered ratings (fit_sequence)."""
     mean_user_activity: float
     """Mean number of interactions of a user with any; scales each user's own count."""
 
@@ -76,6 +84,8 @@ class Catalogue:
             ease_weights=self.ease_weights,
             cooccurrence=self.cooccurrence,
             popularity=self.popularity,
+            rp3_weights=self.rp3_weights,
+            sequence_weights=self.sequence_weights,
             mean_user_activity=np.float64(self.mean_user_activity),
         )
 
@@ -88,6 +98,8 @@ class Catalogue:
                     ease_weights=arrays["ease_weights"].astype(np.float32),
                     cooccurrence=arrays["cooccurrence"].astype(np.float32),
                     popularity=arrays["popularity"].astype(np.float32),
+                    rp3_weights=arrays["rp3_weights"].astype(np.float32),
+                    sequence_weights=arrays["sequence_weights"].astype(np.float32),
                     mean_user_activity=float(arrays["mean_user_activity"]),
                 )
         except (KeyError, ValueError, OSError) as error:
@@ -124,6 +136,51 @@ def fit_ease(interactions: np.ndarray, l2: float) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+def fit_rp3(interactions: np.ndarray, alpha: float = 0.8, beta: float = 0.6) -> np.ndarray:
+    """RP3beta weights ``(n_movies, n_movies)`` float32 with a zero diagonal.
+
+    The probability of walking movie -> user -> movie on the interaction graph, each step's
+    probability raised to ``alpha``, divided by the target's degree to the ``beta`` so that
+    popular movies do not win every walk (Paudel et al., 2017).
+    """
+    degree_user = np.maximum(interactions.sum(axis=1), 1.0)
+    degree_movie = np.maximum(interactions.sum(axis=0), 1.0)
+    user_to_movie = (interactions / degree_user[:, None]) ** alpha
+    movie_to_user = (interactions / degree_movie[None, :]).T ** alpha
+    weights = (movie_to_user @ user_to_movie) / degree_movie[None, :] ** beta
+    np.fill_diagonal(weights, 0.0)
+    return weights.astype(np.float32)
+
+
+def fit_sequence(
+    user_ids: np.ndarray,
+    movie_ids: np.ndarray,
+    timestamps: np.ndarray,
+    all_movie_ids: np.ndarray,
+    window: int,
+) -> np.ndarray:
+    """How close two movies come in users' rating sequences: ``(n_movies, n_movies)`` float32.
+
+    Each user's interactions are put in time order; two movies ``d <= window`` places apart
+    add ``1 / d``, and the sums are normalized by the square roots of both movies' totals.
+    MovieLens users rate in sessions, through pages that show related movies together.
+    """
+    order = np.lexsort((np.asarray(movie_ids), np.asarray(timestamps), np.asarray(user_ids)))
+    users = np.asarray(user_ids)[order]
+    position = np.searchsorted(all_movie_ids, np.asarray(movie_ids, np.int64)[order])
+    n = len(all_movie_ids)
+    closeness = np.zeros((n, n), np.float64)
+    for distance in range(1, window + 1):
+        same_user = users[distance:] == users[:-distance]
+        left, right = position[:-distance][same_user], position[distance:][same_user]
+        np.add.at(closeness, (left, right), 1.0 / distance)
+        np.add.at(closeness, (right, left), 1.0 / distance)
+    norm = np.sqrt(closeness.sum(axis=1))
+    norm[norm == 0] = 1.0
+    closeness /= norm[:, None] * norm[None, :]
+    return closeness.astype(np.float32)
+
+
 def cosine_similarity(interactions: np.ndarray) -> np.ndarray:
     """Cosine similarity of the movies' user sets, float32 with a zero diagonal."""
     counts = interactions.T @ interactions
@@ -139,8 +196,10 @@ def fit_catalogue(
     movie_ids: np.ndarray,
     all_movie_ids: np.ndarray,
     config: CandidateConfig,
+    timestamps: np.ndarray,
 ) -> Catalogue:
-    """The candidate-stage arrays from aligned ``(user_id, movie_id)`` interaction arrays."""
+    """The candidate-stage arrays from aligned ``(user_id, movie_id, timestamp)`` arrays of
+    the training interactions."""
     all_movie_ids = np.unique(np.asarray(all_movie_ids, np.int64))
     interactions = interaction_matrix(user_ids, movie_ids, all_movie_ids)
     counts = interactions.sum(axis=0)
@@ -151,6 +210,10 @@ def fit_catalogue(
         ease_weights=fit_ease(interactions, config.ease_l2),
         cooccurrence=cosine_similarity(interactions),
         popularity=(counts / total * POPULARITY_SCALE).astype(np.float32),
+        rp3_weights=fit_rp3(interactions),
+        sequence_weights=fit_sequence(
+            user_ids, movie_ids, timestamps, all_movie_ids, config.sequence_window
+        ),
         mean_user_activity=float(activity.mean()) if len(activity) else 1.0,
     )
     _log.debug("candidate stage fitted on %d interactions of %d users", int(total), len(activity))

@@ -26,15 +26,26 @@ GENRE_AFFINITY_SHRINKAGE = 3.0
 
 @dataclass(frozen=True)
 class Field:
-    """One stored feature: its name in the table, its meaning, and its length if an array."""
+    """One stored feature: its name in the table, its meaning and its shape.
+
+    A scalar has no ``width``; a fixed-length array has one; a list (``variable``) holds any
+    number of values per row and feeds the ranking model, not the rating model's matrix.
+    """
 
     name: str
     description: str
     width: int | None = None
+    variable: bool = False
+    dtype: str = "float32"
 
     @property
     def is_array(self) -> bool:
+        """A fixed-length array, one column of the scoring matrix per element."""
         return self.width is not None
+
+    @property
+    def is_list(self) -> bool:
+        return self.variable
 
 
 def user_fields(n_factors: int) -> tuple[Field, ...]:
@@ -50,7 +61,24 @@ def user_fields(n_factors: int) -> tuple[Field, ...]:
         Field("user_rating_mean", "mean training rating, shrunk toward the global mean"),
         Field("user_rating_std", "standard deviation of training ratings; NaN below 2"),
         Field("user_genre_affinity", "shrunk mean rating offset per genre", N_GENRES),
+        *HISTORY_FIELDS,
     )
+
+
+# The user's training interactions, for the ranking model's candidate stage.
+HISTORY_FIELDS = (
+    Field(
+        "user_history_movie_ids",
+        "ids of the movies the user rated in training, ascending",
+        variable=True,
+        dtype="int64",
+    ),
+    Field(
+        "user_history_ratings",
+        "the user's training ratings, aligned with user_history_movie_ids",
+        variable=True,
+    ),
+)
 
 
 def movie_fields(n_factors: int) -> tuple[Field, ...]:
@@ -84,12 +112,17 @@ class ScoringConstants:
 def feature_names(n_factors: int) -> list[str]:
     """Ordered names of the scoring matrix columns; array fields expand to ``name_i``."""
     names = list(PAIR_FEATURES)
-    for field in (*user_fields(n_factors), *movie_fields(n_factors)):
+    for field in matrix_fields(n_factors):
         if field.is_array:
             names.extend(f"{field.name}_{i}" for i in range(field.width))
         else:
             names.append(field.name)
     return names
+
+
+def matrix_fields(n_factors: int) -> tuple[Field, ...]:
+    """The stored fields that are columns of the scoring matrix (every one but the lists)."""
+    return tuple(f for f in (*user_fields(n_factors), *movie_fields(n_factors)) if not f.is_list)
 
 
 def squash(logit: np.ndarray, rating_min: float, rating_max: float) -> np.ndarray:
@@ -123,7 +156,9 @@ def build_matrix(
     float64 array of shape ``(n, len(feature_names(k)))``.
     """
     n = len(movies["movie_bias"])
-    users = {name: _broadcast(values, n) for name, values in users.items()}
+    users = {
+        name: _broadcast(values, n) for name, values in users.items() if values.dtype != object
+    }
     n_factors = users["user_embedding"].shape[1]
 
     dot = row_dot(users["user_embedding"], movies["movie_embedding"])
@@ -132,7 +167,7 @@ def build_matrix(
     affinity = _genre_affinity(users["user_genre_affinity"], movies["movie_genres"])
 
     columns = [prediction, dot, affinity]
-    for field in (*user_fields(n_factors), *movie_fields(n_factors)):
+    for field in matrix_fields(n_factors):
         table = users if field.name.startswith("user_") else movies
         columns.append(table[field.name])
     return np.column_stack(columns).astype(np.float64)
@@ -159,7 +194,8 @@ class EntityTable:
     """An in-memory feature table keyed by entity id, with a default row for unknown ids.
 
     This is the offline store's view of a table; the online store hands :func:`build_matrix`
-    columns of the same names, shapes and dtype.
+    columns of the same names, shapes and dtype. A list field is an ``(n,)`` object array of
+    1-D arrays (see :func:`as_lists`); its default is an empty array.
     """
 
     def __init__(
@@ -173,7 +209,10 @@ class EntityTable:
         self.key = key
         self.ids = np.asarray(ids, dtype=np.int64)[order]
         self.columns = {name: np.ascontiguousarray(v[order]) for name, v in columns.items()}
-        self.defaults = {name: np.asarray(v, dtype=np.float32) for name, v in defaults.items()}
+        self.defaults = {
+            name: value if self.columns[name].dtype == object else np.asarray(value, np.float32)
+            for name, value in defaults.items()
+        }
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -189,7 +228,11 @@ class EntityTable:
             taken = values[position]
             if not found.all():
                 taken = taken.copy()
-                taken[~found] = self.defaults[name]
+                if taken.dtype == object:
+                    for row in np.flatnonzero(~found).tolist():
+                        taken[row] = self.defaults[name]
+                else:
+                    taken[~found] = self.defaults[name]
             rows[name] = taken
         return rows, found
 
@@ -197,7 +240,7 @@ class EntityTable:
         """The table as a DataFrame: scalars as float32 columns, arrays as list columns."""
         frame = {self.key: self.ids}
         for name, values in self.columns.items():
-            frame[name] = list(values) if values.ndim == 2 else values
+            frame[name] = list(values) if values.ndim == 2 or values.dtype == object else values
         return pd.DataFrame(frame)
 
     @classmethod
@@ -211,6 +254,9 @@ class EntityTable:
         columns = {}
         for field in fields:
             values = frame[field.name].to_numpy()
+            if field.is_list:
+                columns[field.name] = as_lists(values, field.dtype)
+                continue
             if field.is_array:
                 values = (
                     np.stack(values).astype(np.float32)
@@ -219,3 +265,19 @@ class EntityTable:
                 )
             columns[field.name] = values.astype(np.float32)
         return cls(key, frame[key].to_numpy(np.int64), columns, defaults)
+
+
+def as_lists(values, dtype: str) -> np.ndarray:
+    """An ``(n,)`` object array holding each of ``values`` as a 1-D array of ``dtype``.
+
+    Built element by element: ``np.array`` would stack lists of equal length into a 2-D array.
+    """
+    lists = np.empty(len(values), dtype=object)
+    for row, value in enumerate(values):
+        lists[row] = np.asarray(value, dtype=dtype).reshape(-1)
+    return lists
+
+
+def list_default(field: Field) -> np.ndarray:
+    """The value of a list field for an entity without a row: no values."""
+    return np.zeros(0, dtype=field.dtype)

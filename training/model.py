@@ -94,9 +94,10 @@ class TwoStageModel:
         movie_rows, movie_known = self.movies.lookup(movie_ids)
         return build_matrix(user_rows, movie_rows, self.constants), user_known, movie_known
 
-    def score(self, matrix: np.ndarray) -> np.ndarray:
-        """Predicted ratings for rows of the scoring matrix, clipped to the rating range."""
-        predicted = self.booster.predict(matrix, num_threads=1)
+    def score(self, matrix: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
+        """Predicted ratings for rows of the scoring matrix, clipped to the rating range;
+        ``raw`` is the booster's output on ``matrix`` when another predictor computed it."""
+        predicted = self.booster.predict(matrix, num_threads=1) if raw is None else raw
         return np.clip(predicted, self.constants.rating_min, self.constants.rating_max)
 
     def predict(self, user_ids: np.ndarray, movie_ids: np.ndarray) -> np.ndarray:

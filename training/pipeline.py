@@ -1,4 +1,5 @@
-"""The jobs behind ``reelrank train``, ``predict`` and ``evaluate``: data in, files out."""
+"""The jobs behind ``reelrank train``, ``predict``, ``recommend`` and ``evaluate``: data in,
+files out."""
 
 from __future__ import annotations
 
@@ -15,9 +16,20 @@ from training.data import data_fingerprint, load_movielens, read_ratings
 from training.errors import DataError
 from training.evaluate import evaluate_fold, summarize
 from training.model import TrainConfig, train_two_stage
+from training.ranking import RankingConfig, train_ranker
+from training.ranking_eval import evaluate_ranking
 from training.report import write_report
 
 _log = logging.getLogger(__name__)
+
+
+def ratings_path(data_dir: Path, ratings_file: str | Path) -> Path:
+    """Where ``--ratings`` points: a file of that name inside ``data_dir`` (``u1.base``), else
+    the path as given (absolute, or relative to the working directory)."""
+    inside = Path(data_dir) / ratings_file
+    if inside.is_file() or not Path(ratings_file).is_file():
+        return inside
+    return Path(ratings_file)
 
 
 def train(
@@ -25,26 +37,35 @@ def train(
     out_dir: Path,
     config: TrainConfig,
     seed: int,
-    ratings_file: str = "u.data",
+    ratings_file: str | Path = "u.data",
     progress: bool | None = None,
+    ranking_config: RankingConfig | None = None,
 ) -> dict:
-    """Train both stages on ``ratings_file`` of ``data_dir`` and write an artifacts directory.
-
-    Returns the manifest that was written.
-    """
+    """Train the rating model (both stages) and the ranking model on ``ratings_file`` and
+    write an artifacts directory. Returns the manifest that was written."""
     started = time.perf_counter()
+    ranking_config = ranking_config or RankingConfig()
     data = load_movielens(data_dir)
+    path = ratings_path(data_dir, ratings_file)
     ratings = data.ratings
-    if ratings_file != "u.data":
-        ratings = read_ratings(data_dir / ratings_file, data.users, data.movies)
-    _log.info("training on %d ratings from %s", len(ratings), data_dir / ratings_file)
+    if path != Path(data_dir) / "u.data":
+        ratings = read_ratings(path, data.users, data.movies)
+    _log.info("training on %d ratings from %s", len(ratings), path)
 
     result = train_two_stage(data, ratings, config, seed, progress=progress)
+    rating_s = time.perf_counter() - started
+    ranker = train_ranker(data, ratings, config.mf, ranking_config, seed, progress=progress)
+    _log.info(
+        "ranking model fitted on %d user groups (%d rows) in %.1f s",
+        ranker.groups,
+        ranker.rows,
+        ranker.timings_s["ranking_total_s"],
+    )
     seconds = time.perf_counter() - started
     extra = {
         "data": {
             "dir": str(Path(data_dir).resolve()),
-            "ratings_file": ratings_file,
+            "ratings_file": str(ratings_file),
             "fingerprint": data_fingerprint(data_dir),
             "n_ratings": len(ratings),
             "n_users": len(data.users),
@@ -55,13 +76,21 @@ def train(
         "training": {
             "seed": seed,
             "config": asdict(config),
+            "ranking_config": asdict(ranking_config),
             "stage1_epochs": result.model.stage1.epochs,
             "stage2_trees": result.best_iteration,
-            "timings_s": {**result.timings_s, "total_s": seconds},
+            "ranking_groups": ranker.groups,
+            "ranking_rows": ranker.rows,
+            "timings_s": {
+                **result.timings_s,
+                "rating_total_s": rating_s,
+                **ranker.timings_s,
+                "total_s": seconds,
+            },
         },
         "metrics": _in_sample_metrics(result),
     }
-    artifacts.save(result.model, out_dir, data.movies, extra)
+    artifacts.save(result.model, ranker.model, out_dir, data.movies, extra)
     return artifacts.read_manifest(out_dir, verify=False)
 
 
@@ -128,6 +157,49 @@ def predict(artifacts_dir: Path, pairs_file: Path, out_file: Path) -> dict[str, 
     }
 
 
+def read_user_ids(text: str) -> np.ndarray:
+    """Ids from ``--users 1,2,3``; raises ``DataError`` naming the first bad entry."""
+    ids = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise DataError(f"--users: {part.strip()!r} is not an integer user id") from None
+        if value <= 0:
+            raise DataError(f"--users: user ids are 1 or more, not {value}")
+        ids.append(value)
+    return np.array(list(dict.fromkeys(ids)), dtype=np.int64)
+
+
+def recommend(
+    artifacts_dir: Path,
+    out_file: Path,
+    k: int,
+    user_ids: np.ndarray | None = None,
+) -> dict:
+    """Write the top ``k`` movies of every user (or of ``user_ids``) with the ranking model.
+
+    Returns counts for the command's summary, including the users served as cold start.
+    """
+    loaded = artifacts.load(artifacts_dir)
+    if user_ids is None:
+        user_ids = loaded.model.users.ids
+    result = loaded.recommender().recommend(user_ids, k)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    result.frame.to_csv(out_file, sep="\t", index=False, float_format="%.6f")
+    return {
+        "users": len(user_ids),
+        "rows": len(result.frame),
+        "cold_start_users": len(result.cold_start_users),
+        "cold_start_user_ids": result.cold_start_users[:10],
+    }
+
+
+PROTOCOLS = ("rating", "ranking")
+
+
 def evaluate(
     data_dir: Path,
     out_dir: Path,
@@ -135,21 +207,33 @@ def evaluate(
     seed: int,
     folds: list[str],
     progress: bool | None = None,
+    protocols: tuple[str, ...] = PROTOCOLS,
+    ranking_config: RankingConfig | None = None,
 ) -> dict:
-    """Run the rating protocol on ``folds`` and write metrics.json, report.md and plots."""
+    """Run the rating protocol on ``folds`` and the ranking protocol on a per-user split of
+    ``seed``, and write metrics.json, report.md and plots into ``out_dir``."""
     data = load_movielens(data_dir)
-    results = []
-    for fold in folds:
-        _log.info("evaluating fold %s", fold)
-        results.append(evaluate_fold(data, fold, config, seed, progress=progress))
-    metrics = summarize(results)
-    metrics["protocol"] = {
-        "folds": folds,
-        "train": "{fold}.base",
-        "test": "{fold}.test",
-        "seed": seed,
-        "data_fingerprint": data_fingerprint(data_dir),
-        "config": asdict(config),
-    }
+    metrics: dict = {}
+    if "rating" in protocols:
+        results = []
+        for fold in folds:
+            _log.info("evaluating fold %s", fold)
+            results.append(evaluate_fold(data, fold, config, seed, progress=progress))
+        metrics = summarize(results)
+        metrics["protocol"] = {
+            "folds": folds,
+            "train": "{fold}.base",
+            "test": "{fold}.test",
+            "seed": seed,
+            "data_fingerprint": data_fingerprint(data_dir),
+            "config": asdict(config),
+        }
+    if "ranking" in protocols:
+        _log.info("evaluating the ranking protocol (seed %d)", seed)
+        ranking_config = ranking_config or RankingConfig()
+        metrics["ranking"] = evaluate_ranking(
+            data, config, ranking_config, seed, out_dir, progress=progress
+        )
+        metrics["ranking"]["protocol"]["data_fingerprint"] = data_fingerprint(data_dir)
     write_report(metrics, out_dir)
     return metrics

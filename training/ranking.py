@@ -1,9 +1,11 @@
 """The ranking model: LightGBM (rank_xendcg) over per-user groups of candidates.
 
-One function, :func:`ranking_features`, turns a user's history (rated movie ids and ratings),
-the user's row of the ``user`` table, the catalogue's rows of the ``movie`` table and the
-per-version candidate-stage arrays (:class:`training.candidates.Catalogue`) into the ranking
-model's input matrix. Training, ``reelrank recommend`` and the service all call it.
+A user's ranking input comes from three places: the user's row of the ``user`` table (its
+history lists, embedding, bias and demographics), the per-version candidate-stage arrays
+(:class:`training.candidates.Catalogue`) and the ``movie`` table rows of the movies involved.
+:meth:`RankingModel.plan` runs the candidate stage over the whole catalogue from the history
+alone and says which movie rows are needed; :meth:`CandidatePlan.features` builds the matrix.
+Training, ``reelrank recommend`` (:class:`Recommender`) and the service all go through them.
 
 Labels must come from interactions the features never saw. The training ratings are cut into
 ``label_folds`` random parts; for each part, stage 1, the feature tables and the candidate stage
@@ -12,7 +14,7 @@ fit, and a candidate is relevant when the user rated it in the held-out part. At
 every component comes from all the training ratings instead.
 
 The feature part holds 80 % of what recommend-time features see, so every score-like feature is
-standardized within the user's own candidate set (mean 0, standard deviation 1 over the top
+standardized within the user's own reference set (mean 0, standard deviation 1 over the top
 ``n_candidates`` of the candidate stage) and ranks are taken among the user's unrated movies.
 Raw scores grow with the amount of data; their order and spread within a user barely move.
 """
@@ -41,7 +43,7 @@ from training.candidates import (
 from training.data import MovieLens
 from training.embeddings import MFConfig, fit_mf
 from training.errors import ArtifactError, ReelrankError
-from training.features import EntityTable, ScoringConstants, row_dot, squash
+from training.features import HISTORY_FIELDS, EntityTable, ScoringConstants, row_dot, squash
 from training.tables import build_tables
 
 _log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ Z_FEATURES = (
     "movie_bias",
     "movie_rating_mean",
     "genre_share",
+    "rp3_score",
+    "sequence_score",
 )
 RAW_FEATURES = (
     "ease_gap",
@@ -77,6 +81,8 @@ RAW_FEATURES = (
     "user_rating_mean",
     "user_age",
     "user_gender",
+    "rp3_rank",
+    "sequence_rank",
 )
 FEATURE_NAMES = tuple(f"{name}_z" for name in Z_FEATURES) + RAW_FEATURES
 
@@ -87,10 +93,16 @@ STRONG_COSINE = 0.3
 
 MODEL_FILE = "ranking_model.txt"
 CATALOGUE_FILE = "ranking_catalogue.npz"
-HISTORY_FILE = "user_history.parquet"
+HISTORY_MOVIES, HISTORY_RATINGS = (f.name for f in HISTORY_FIELDS)
 SCORE_MEANING = (
     "ranking-model score (LightGBM rank_xendcg raw output): higher ranks first; only the order "
     "of one user's movies means anything, not the value or a comparison across users"
+)
+
+
+COLD_START_MEANING = (
+    "for a user without training interactions: the movie's popularity (interactions per "
+    "10,000 training interactions); such answers are flagged as cold start"
 )
 
 
@@ -129,43 +141,6 @@ class RankingConfig:
 
 
 @dataclass(frozen=True)
-class UserHistory:
-    """Training interactions grouped by user: what each user rated, and the rating."""
-
-    user_ids: np.ndarray
-    """(n,) int64, sorted; one entry per interaction."""
-    movie_ids: np.ndarray
-    """(n,) int64, sorted within each user."""
-    ratings: np.ndarray
-    """(n,) float32."""
-
-    @classmethod
-    def from_ratings(cls, ratings: pd.DataFrame) -> UserHistory:
-        frame = ratings.sort_values(["user_id", "movie_id"], kind="stable")
-        return cls(
-            frame["user_id"].to_numpy(np.int64),
-            frame["movie_id"].to_numpy(np.int64),
-            frame["rating"].to_numpy(np.float32),
-        )
-
-    @property
-    def users(self) -> np.ndarray:
-        """Ids of the users with at least one interaction, sorted."""
-        return np.unique(self.user_ids)
-
-    def of(self, user_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """The movie ids a user rated (sorted) and the ratings; empty for an unknown user."""
-        start = np.searchsorted(self.user_ids, user_id, side="left")
-        stop = np.searchsorted(self.user_ids, user_id, side="right")
-        return self.movie_ids[start:stop], self.ratings[start:stop]
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            {"user_id": self.user_ids, "movie_id": self.movie_ids, "rating": self.ratings}
-        )
-
-
-@dataclass(frozen=True)
 class CandidateFeatures:
     """The ranking model's input for one user's candidates."""
 
@@ -175,124 +150,148 @@ class CandidateFeatures:
     """(m, len(FEATURE_NAMES)) float64."""
 
 
-def ranking_features(
-    history_movie_ids: np.ndarray,
-    history_ratings: np.ndarray,
-    user_row: Mapping[str, np.ndarray],
-    movie_rows: Mapping[str, np.ndarray],
-    catalogue: Catalogue,
-    constants: ScoringConstants,
-    n_candidates: int,
-    candidate_ids: np.ndarray | None = None,
-    n_scored: int | None = None,
-) -> CandidateFeatures | None:
-    """The ranking matrix for one user; None when no history movie is in the catalogue.
+class CandidatePlan:
+    """One user's pass of the candidate stage over the whole catalogue.
 
-    ``user_row`` is the user's row of the ``user`` table (each field of shape ``(1,)`` or
-    ``(1, width)``, as :meth:`EntityTable.lookup` returns it); ``movie_rows`` holds the ``movie``
-    table rows of every catalogue movie, in ``catalogue.movie_ids`` order. The user's
-    candidate set is the candidate stage's best ``n_candidates`` unrated movies, and standardized
-    features are relative to it. Without ``candidate_ids`` those candidates are scored (the best
-    ``n_scored`` if larger); requested candidates outside the catalogue are left out.
+    Built from the catalogue and the user's history alone, it fixes which movies are scored
+    (``chosen``), which form the user's reference candidate set (the candidate stage's best
+    ``n_candidates`` unrated movies, which standardized features are relative to), and so
+    which movie rows :meth:`features` needs (:attr:`needed_movie_ids`). The online path reads
+    exactly those rows from the store; the offline path looks them up in the movie table.
+    Without ``candidate_ids`` the candidate stage's best movies are scored (the best
+    ``n_scored`` if more than ``n_candidates``); requested candidates outside the catalogue are
+    left out.
     """
-    position, found = catalogue.positions(history_movie_ids)
-    position, first = np.unique(position[found], return_index=True)
-    if len(position) == 0:
-        return None
-    ratings = np.asarray(history_ratings, np.float64)[found][first]
-    rated = np.zeros(len(catalogue), dtype=bool)
-    rated[position] = True
 
-    user = _UserView(position, ratings, rated, user_row, movie_rows, catalogue, constants)
-    ranked = top_unrated(user.ease, rated, max(n_candidates, n_scored or 0))
-    reference = ranked[:n_candidates]
-    if candidate_ids is None:
-        chosen = ranked
-    else:
-        chosen, known = catalogue.positions(candidate_ids)
-        chosen = chosen[known]
-
-    columns = user.columns(chosen)
-    reference_columns = (
-        {name: values[: len(reference)] for name, values in columns.items()}
-        if candidate_ids is None
-        else user.columns(reference)
-    )
-    for name in Z_FEATURES:
-        values, basis = columns[name], reference_columns[name]
-        spread = basis.std() if len(basis) else 0.0
-        centre = basis.mean() if len(basis) else 0.0
-        columns[f"{name}_z"] = (values - centre) / (spread if spread > 0 else 1.0)
-    best = user.ease[reference[0]] if len(reference) else 0.0
-    columns["ease_gap"] = user.ease[chosen] - best
-
-    matrix = np.column_stack([columns[name] for name in FEATURE_NAMES]).astype(np.float64)
-    return CandidateFeatures(catalogue.movie_ids[chosen], matrix.reshape(len(chosen), -1))
-
-
-class _UserView:
-    """One user's history seen through the catalogue: the per-movie vectors every candidate
-    column is read from."""
-
-    def __init__(self, position, ratings, rated, user_row, movie_rows, catalogue, constants):
-        self.position = position
-        self.rated = rated
-        self.movie_rows = movie_rows
-        self.constants = constants
-        self.user = {name: np.asarray(values) for name, values in user_row.items()}
-
-        # (h, n_movies) slices; sums run down the rows in history order, so a movie's value
-        # does not depend on which other movies are scored with it.
-        self.ease_rows = catalogue.ease_weights[position]
-        self.cooc_rows = catalogue.cooccurrence[position]
-        self.ease = catalogue.ease_scores(position)
-        self.cooc = self.cooc_rows.sum(axis=0, dtype=np.float64) / len(position)
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        history_movie_ids: np.ndarray,
+        history_ratings: np.ndarray,
+        n_candidates: int,
+        candidate_ids: np.ndarray | None = None,
+        n_scored: int | None = None,
+    ):
+        position, found = catalogue.positions(history_movie_ids)
+        position, first = np.unique(position[found], return_index=True)
+        if len(position) == 0:
+            raise RankingError("the user has no interaction with a movie of the catalogue")
+        self.catalogue = catalogue
+        self.history = position
+        ratings = np.asarray(history_ratings, np.float64)[found][first]
         self.centred_ratings = ratings - ratings.mean()
-        self.popularity = catalogue.popularity.astype(np.float64)
-        self.activity = len(position) / catalogue.mean_user_activity
+        self.rated = np.zeros(len(catalogue), dtype=bool)
+        self.rated[position] = True
 
-        genres = np.asarray(movie_rows["movie_genres"], np.float64)[position].sum(axis=0)
-        self.genre_share = genres / max(genres.sum(), 1.0)
-        unrated = ~rated
+        # Sums run down the history rows in id order, so a movie's value does not depend on
+        # which other movies are scored with it.
+        self.ease = catalogue.ease_scores(position)
+        self.cooc = catalogue.cooccurrence[position].sum(axis=0, dtype=np.float64) / len(position)
+        self.rp3 = catalogue.rp3_weights[position].sum(axis=0, dtype=np.float64)
+        self.sequence = catalogue.sequence_weights[position].sum(axis=0, dtype=np.float64)
+        unrated = ~self.rated
         self.ranks = {
             "ease_rank": rank_among(self.ease, unrated),
             "cooc_rank": rank_among(self.cooc, unrated),
-            "popularity_rank": rank_among(self.popularity, unrated),
+            "popularity_rank": rank_among(catalogue.popularity, unrated),
+            "rp3_rank": rank_among(self.rp3, unrated),
+            "sequence_rank": rank_among(self.sequence, unrated),
         }
+
+        ranked = top_unrated(self.ease, self.rated, max(n_candidates, n_scored or 0))
+        self.reference = ranked[:n_candidates]
+        if candidate_ids is None:
+            self.chosen = ranked
+        else:
+            chosen, known = catalogue.positions(candidate_ids)
+            self.chosen = chosen[known]
+        self.needed = np.unique(np.concatenate([self.chosen, self.reference, self.history]))
+
+    @property
+    def needed_movie_ids(self) -> np.ndarray:
+        """Ids of the movies whose rows :meth:`features` needs, ascending."""
+        return self.catalogue.movie_ids[self.needed]
+
+    def features(
+        self,
+        user_row: Mapping[str, np.ndarray],
+        movie_rows: Mapping[str, np.ndarray],
+        constants: ScoringConstants,
+    ) -> CandidateFeatures:
+        """The ranking matrix of the chosen movies.
+
+        ``user_row`` is the user's row of the ``user`` table (fields of shape ``(1,)`` or
+        ``(1, width)``, as :meth:`EntityTable.lookup` returns them); ``movie_rows`` holds the
+        ``movie`` table rows of :attr:`needed_movie_ids`, in that order.
+        """
+        rows = _RowView(self, user_row, movie_rows, constants)
+        columns = rows.columns(self.chosen)
+        basis = rows.columns(self.reference)
+        for name in Z_FEATURES:
+            values, reference = columns[name], basis[name]
+            spread = reference.std() if len(reference) else 0.0
+            centre = reference.mean() if len(reference) else 0.0
+            columns[f"{name}_z"] = (values - centre) / (spread if spread > 0 else 1.0)
+        best = self.ease[self.reference[0]] if len(self.reference) else 0.0
+        columns["ease_gap"] = self.ease[self.chosen] - best
+
+        matrix = np.column_stack([columns[name] for name in FEATURE_NAMES]).astype(np.float64)
+        movie_ids = self.catalogue.movie_ids[self.chosen]
+        return CandidateFeatures(movie_ids, matrix.reshape(len(self.chosen), len(FEATURE_NAMES)))
+
+
+class _RowView:
+    """A :class:`CandidatePlan` joined with the user's row and the needed movie rows: the
+    un-standardized columns of any chosen catalogue positions."""
+
+    def __init__(self, plan: CandidatePlan, user_row, movie_rows, constants: ScoringConstants):
+        self.plan = plan
+        self.user = {name: np.asarray(values) for name, values in user_row.items()}
+        self.movies = movie_rows
+        self.constants = constants
+        catalogue = plan.catalogue
+        self.activity = len(plan.history) / catalogue.mean_user_activity
+        genres = self._movie_column("movie_genres", plan.history).sum(axis=0)
+        self.genre_share = genres / max(genres.sum(), 1.0)
+
+    def _movie_column(self, name: str, positions: np.ndarray, dtype=np.float64) -> np.ndarray:
+        rows = np.searchsorted(self.plan.needed, positions)
+        return np.asarray(self.movies[name], dtype)[rows]
 
     def _user_scalar(self, name: str) -> float:
         return float(self.user[name].reshape(-1)[0])
 
     def columns(self, chosen: np.ndarray) -> dict[str, np.ndarray]:
         """Every un-standardized column for the catalogue positions ``chosen``."""
+        plan, catalogue = self.plan, self.plan.catalogue
         m = len(chosen)
-        ease = self.ease_rows[:, chosen].astype(np.float64)
-        cooc = self.cooc_rows[:, chosen].astype(np.float64)
-        ease_sorted = -np.sort(-ease, axis=0)
-        cooc_sorted = -np.sort(-cooc, axis=0)
-        second = ease_sorted[1] if len(ease_sorted) > 1 else np.zeros(m)
-        movies = self.movie_rows
-        genres = np.asarray(movies["movie_genres"], np.float64)[chosen]
+        ease = catalogue.ease_weights[plan.history][:, chosen].astype(np.float64)
+        cooc = catalogue.cooccurrence[plan.history][:, chosen].astype(np.float64)
+        ease_top = _top_rows(ease, 5)
+        cooc_top = _top_rows(cooc, 3)
+        genres = self._movie_column("movie_genres", chosen)
 
         columns = {
-            "ease_score": self.ease[chosen],
+            "ease_score": plan.ease[chosen],
             "ease_positive": np.clip(ease, 0.0, None).sum(axis=0),
             "ease_negative": np.clip(ease, None, 0.0).sum(axis=0),
-            "ease_max": ease_sorted[0],
-            "ease_second": second,
-            "ease_top5": ease_sorted[:5].sum(axis=0),
+            "ease_max": ease_top[0],
+            "ease_second": ease_top[1],
+            "ease_top5": ease_top.sum(axis=0),
             "ease_support": (ease > EASE_SUPPORT_WEIGHT).mean(axis=0),
-            "ease_like": (self.centred_ratings[:, None] * ease).sum(axis=0),
-            "cooc_mean": self.cooc[chosen],
-            "cooc_max": cooc_sorted[0],
-            "cooc_top3": cooc_sorted[:3].mean(axis=0),
+            "ease_like": (plan.centred_ratings[:, None] * ease).sum(axis=0),
+            "cooc_mean": plan.cooc[chosen],
+            "cooc_max": cooc_top[0],
+            "cooc_top3": cooc_top.mean(axis=0),
             "cooc_strong": (cooc > STRONG_COSINE).mean(axis=0),
-            "popularity": self.popularity[chosen],
-            "movie_bias": np.asarray(movies["movie_bias"], np.float64)[chosen],
-            "movie_rating_mean": np.asarray(movies["movie_rating_mean"], np.float64)[chosen],
+            "popularity": catalogue.popularity[chosen].astype(np.float64),
+            "rp3_score": plan.rp3[chosen],
+            "sequence_score": plan.sequence[chosen],
+            "movie_bias": self._movie_column("movie_bias", chosen),
+            "movie_rating_mean": self._movie_column("movie_rating_mean", chosen),
             "genre_share": (genres * self.genre_share).sum(axis=1),
-            "movie_release_year": np.asarray(movies["movie_release_year"], np.float64)[chosen],
-            **{name: ranks[chosen] for name, ranks in self.ranks.items()},
+            "movie_release_year": self._movie_column("movie_release_year", chosen),
+            **{name: ranks[chosen] for name, ranks in plan.ranks.items()},
             "user_activity": np.full(m, self.activity),
             **{
                 name: np.full(m, self._user_scalar(name))
@@ -305,57 +304,94 @@ class _UserView:
     def _mf_columns(self, chosen: np.ndarray) -> dict[str, np.ndarray]:
         """Stage 1's predicted rating and embedding dot product, as ``build_matrix`` derives
         them (float32, fixed summation order)."""
-        movie_embedding = np.asarray(self.movie_rows["movie_embedding"], np.float32)[chosen]
+        movie_embedding = self._movie_column("movie_embedding", chosen, np.float32)
         user_embedding = self.user["user_embedding"].reshape(1, -1).astype(np.float32)
         dot = row_dot(np.broadcast_to(user_embedding, movie_embedding.shape), movie_embedding)
-        movie_bias = np.asarray(self.movie_rows["movie_bias"], np.float32)[chosen]
         logit = (
             np.float32(self.constants.global_bias)
             + np.float32(self._user_scalar("user_bias"))
-            + movie_bias
+            + self._movie_column("movie_bias", chosen, np.float32)
             + dot
         )
         prediction = squash(logit, self.constants.rating_min, self.constants.rating_max)
         return {"mf_prediction": prediction.astype(np.float64), "mf_dot": dot.astype(np.float64)}
 
 
+def _top_rows(values: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` largest entries of each column of ``(h, m)`` ``values``, largest first, as
+    ``(n, m)``; zero rows where the history is shorter than ``n``."""
+    h, m = values.shape
+    if h > n:
+        values = -np.partition(-values, n - 1, axis=0)[:n]
+    top = -np.sort(-values, axis=0)
+    if len(top) < n:
+        top = np.vstack([top, np.zeros((n - len(top), m))])
+    return top
+
+
 @dataclass
 class RankingModel:
-    """Everything ranking needs besides the feature tables: booster, catalogue, histories."""
+    """Everything ranking needs besides the feature tables: the booster and the catalogue."""
 
-    booster: lgb.Booster
+    booster: lgb.Booster | None
+    """None only while training, when a part's model builds features and scores nothing."""
     catalogue: Catalogue
-    history: UserHistory
     n_candidates: int
     objective: str = "rank_xendcg"
 
-    def score(self, matrix: np.ndarray) -> np.ndarray:
-        """Raw ranking scores ``(n,)`` float64 for rows of :func:`ranking_features` matrices."""
-        return self.booster.predict(matrix, num_threads=1)
+    def plan(
+        self,
+        user_row: Mapping[str, np.ndarray],
+        candidate_ids: np.ndarray | None = None,
+        n_scored: int | None = None,
+    ) -> CandidatePlan | None:
+        """The candidate stage's pass for the user of ``user_row`` (a row of the ``user``
+        table, history included); None when the user has no interaction in the catalogue,
+        which is the cold start: rank by :meth:`popularity` instead."""
+        history = user_row[HISTORY_MOVIES][0]
+        if not catalogue_holds_any(self.catalogue, history):
+            return None
+        return CandidatePlan(
+            self.catalogue,
+            history,
+            user_row[HISTORY_RATINGS][0],
+            self.n_candidates,
+            candidate_ids=candidate_ids,
+            n_scored=n_scored,
+        )
+
+    def score(self, matrix: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
+        """Ranking scores ``(n,)`` float64 for rows of :meth:`CandidatePlan.features`: the
+        booster's raw output (``raw``, when another predictor computed it)."""
+        return self.booster.predict(matrix, num_threads=1) if raw is None else raw
+
+    def popularity(self, movie_ids: np.ndarray) -> np.ndarray:
+        """Cold-start scores ``(n,)`` float64: interactions per 10,000; 0 outside the catalogue."""
+        position, found = self.catalogue.positions(movie_ids)
+        return np.where(found, self.catalogue.popularity[position], 0.0).astype(np.float64)
+
+    def popular(self, k: int) -> np.ndarray:
+        """Catalogue positions of the ``k`` most popular movies, best first (ties by id)."""
+        return top_unrated(self.catalogue.popularity, np.zeros(len(self.catalogue), bool), k)
 
     def save(self, directory: Path) -> dict:
-        """Write the three ranking files into ``directory``; returns their manifest entry."""
+        """Write the ranking files into ``directory``; returns their manifest entry."""
         (directory / MODEL_FILE).write_text(self.booster.model_to_string())
         self.catalogue.save(directory / CATALOGUE_FILE)
-        self.history.to_frame().to_parquet(directory / HISTORY_FILE, index=False)
         return {
             "file": MODEL_FILE,
             "kind": "ranking",
             "objective": self.objective,
             "score": SCORE_MEANING,
+            "cold_start_score": COLD_START_MEANING,
             "relevance": "binary: any rating counts as an interaction",
             "features": list(FEATURE_NAMES),
             "n_candidates": self.n_candidates,
-            "catalogue": {
-                "file": CATALOGUE_FILE,
-                "movies": len(self.catalogue),
-                "arrays": ["movie_ids", "ease_weights", "cooccurrence", "popularity"],
-            },
-            "history": {"file": HISTORY_FILE, "interactions": len(self.history.user_ids)},
+            "catalogue": {"file": CATALOGUE_FILE, "movies": len(self.catalogue)},
             "online_inputs": [
-                "the user's rated movie ids and ratings (user_history.parquet offline)",
-                "the user's row of user_features",
-                "the movie_features rows of every catalogue movie (fixed per model version)",
+                "the user's row of user_features, its history lists included",
+                "the movie_features rows of the candidates, of the user's rated movies and of "
+                "the candidate stage's reference set",
             ],
         }
 
@@ -365,8 +401,6 @@ class RankingModel:
         try:
             booster = lgb.Booster(model_file=str(root / described["file"]))
             catalogue = Catalogue.load(root / described["catalogue"]["file"])
-            frame = pd.read_parquet(root / described["history"]["file"])
-            history = UserHistory.from_ratings(frame)
             n_candidates = int(described["n_candidates"])
             objective = str(described["objective"])
         except (KeyError, ValueError, OSError, lgb.basic.LightGBMError) as error:
@@ -375,7 +409,12 @@ class RankingModel:
             raise ArtifactError(
                 f"{root}: the ranking model's features differ from this version of reelrank's"
             )
-        return cls(booster, catalogue, history, n_candidates, objective)
+        return cls(booster, catalogue, n_candidates, objective)
+
+
+def catalogue_holds_any(catalogue: Catalogue, movie_ids: np.ndarray) -> bool:
+    """Whether any of ``movie_ids`` is in the catalogue."""
+    return bool(len(movie_ids)) and bool(catalogue.positions(movie_ids)[1].any())
 
 
 @dataclass
@@ -389,11 +428,10 @@ class Recommendations:
 
 
 class Recommender:
-    """Top-k movies per user: the candidate stage, then the ranking model.
+    """The offline ranking path: the candidate stage, then the ranking model, on the rows of
+    the feature tables (the same rows the online store holds).
 
-    ``users``, ``movies`` and ``constants`` are the served rating model's feature tables and
-    constants (the same rows the online store holds). A user without training interactions
-    gets the most popular movies, scored by popularity (ratings per 10,000).
+    A user without training interactions gets the most popular movies, scored by popularity.
     """
 
     def __init__(
@@ -405,8 +443,8 @@ class Recommender:
     ):
         self.ranking = ranking
         self.users = users
+        self.movies = movies
         self.constants = constants
-        self.movie_rows, _ = movies.lookup(ranking.catalogue.movie_ids)
 
     def features(
         self,
@@ -414,20 +452,13 @@ class Recommender:
         candidate_ids: np.ndarray | None = None,
         n_scored: int | None = None,
     ) -> CandidateFeatures | None:
-        """:func:`ranking_features` for a user of the training data; None for cold start."""
-        movie_ids, ratings = self.ranking.history.of(user_id)
+        """The ranking matrix of a user (see :class:`CandidatePlan`); None for cold start."""
         user_row, _ = self.users.lookup(np.array([user_id], dtype=np.int64))
-        return ranking_features(
-            movie_ids,
-            ratings,
-            user_row,
-            self.movie_rows,
-            self.ranking.catalogue,
-            self.constants,
-            self.ranking.n_candidates,
-            candidate_ids=candidate_ids,
-            n_scored=n_scored,
-        )
+        plan = self.ranking.plan(user_row, candidate_ids, n_scored)
+        if plan is None:
+            return None
+        movie_rows, _ = self.movies.lookup(plan.needed_movie_ids)
+        return plan.features(user_row, movie_rows, self.constants)
 
     def recommend(self, user_ids: np.ndarray, k: int) -> Recommendations:
         """The best ``k`` unrated movies of every user, best first; ties by movie id."""
@@ -440,11 +471,13 @@ class Recommender:
         for user_id, features in found:
             if features is None:
                 cold.append(int(user_id))
-                movie_ids, values = self.popular(k)
+                best = self.ranking.popular(k)
+                movie_ids = self.ranking.catalogue.movie_ids[best]
+                values = self.ranking.popularity(movie_ids)
             else:
                 values = np.asarray(scores[offset : offset + len(features.movie_ids)])
                 offset += len(features.movie_ids)
-                order = np.lexsort((features.movie_ids, -values))[:k]
+                order = rank_order(features.movie_ids, values)[:k]
                 movie_ids, values = features.movie_ids[order], values[order]
             parts.append(
                 pd.DataFrame(
@@ -459,11 +492,11 @@ class Recommender:
         frame = pd.concat(parts, ignore_index=True) if parts else _empty_recommendations()
         return Recommendations(frame, cold)
 
-    def popular(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` most popular movies and their popularity: the cold-start list."""
-        catalogue = self.ranking.catalogue
-        best = top_unrated(catalogue.popularity, np.zeros(len(catalogue), dtype=bool), k)
-        return catalogue.movie_ids[best], catalogue.popularity[best].astype(np.float64)
+
+def rank_order(movie_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Positions of ``scores`` best first, ties by ascending movie id, on the float32 scores
+    a caller sees (so two movies shown with equal scores always come in id order)."""
+    return np.lexsort((movie_ids, -np.asarray(scores, dtype=np.float32)))
 
 
 def _empty_recommendations() -> pd.DataFrame:
@@ -525,15 +558,9 @@ def train_ranker(
     booster = fit_ranker(matrix, label, np.asarray(groups), config, seed, progress)
     fit_s = time.perf_counter() - started - examples_s
 
-    catalogue = fit_catalogue(
-        ratings["user_id"].to_numpy(),
-        ratings["movie_id"].to_numpy(),
-        data.movies["movie_id"].to_numpy(),
-        config.candidates,
-    )
-    history = UserHistory.from_ratings(ratings)
+    catalogue = _catalogue(data, ratings, config)
     objective = str(config.lgbm_params.get("objective", "rank_xendcg"))
-    model = RankingModel(booster, catalogue, history, config.candidates.n_candidates, objective)
+    model = RankingModel(booster, catalogue, config.candidates.n_candidates, objective)
     timings = {
         "ranking_examples_s": examples_s,
         "ranking_fit_s": fit_s,
@@ -542,48 +569,45 @@ def train_ranker(
     return RankerFit(model, timings, len(groups), len(label), int(label.sum()))
 
 
+def _catalogue(data: MovieLens, ratings: pd.DataFrame, config: RankingConfig) -> Catalogue:
+    return fit_catalogue(
+        ratings["user_id"].to_numpy(),
+        ratings["movie_id"].to_numpy(),
+        data.movies["movie_id"].to_numpy(),
+        config.candidates,
+        ratings["timestamp"].to_numpy(),
+    )
+
+
 def _fold_groups(data, feature_part, label_part, mf_config, config, seed, progress):
-    """Candidate groups of every user with both feature and label ratings in this part."""
-    all_users = data.users["user_id"].to_numpy(np.int64)
-    all_movies = data.movies["movie_id"].to_numpy(np.int64)
+    """Candidate groups of every user with both feature and label ratings in this part.
+
+    The part's features go through :class:`Recommender`, the path recommend and the service
+    use, with every component refitted on ``feature_part`` alone.
+    """
     mf = fit_mf(
         feature_part["user_id"].to_numpy(),
         feature_part["movie_id"].to_numpy(),
         feature_part["rating"].to_numpy(),
         mf_config,
         seed,
-        all_user_ids=all_users,
-        all_movie_ids=all_movies,
+        all_user_ids=data.users["user_id"].to_numpy(np.int64),
+        all_movie_ids=data.movies["movie_id"].to_numpy(np.int64),
         progress=progress,
     )
     users, movies = build_tables(data, feature_part, mf)
     constants = ScoringConstants(mf.global_bias, mf.rating_min, mf.rating_max)
-    catalogue = fit_catalogue(
-        feature_part["user_id"].to_numpy(),
-        feature_part["movie_id"].to_numpy(),
-        all_movies,
-        config.candidates,
-    )
-    movie_rows, _ = movies.lookup(catalogue.movie_ids)
-    history = UserHistory.from_ratings(feature_part)
-    held_out = UserHistory.from_ratings(label_part)
+    catalogue = _catalogue(data, feature_part, config)
+    part_model = RankingModel(None, catalogue, config.candidates.n_candidates)
+    recommender = Recommender(part_model, users, movies, constants)
+    held_out = label_part.groupby("user_id")["movie_id"]
 
     matrices, labels = [], []
-    for user_id in np.intersect1d(history.users, held_out.users):
-        user_row, _ = users.lookup(np.array([user_id]))
-        movie_ids, ratings = history.of(user_id)
-        features = ranking_features(
-            movie_ids,
-            ratings,
-            user_row,
-            movie_rows,
-            catalogue,
-            constants,
-            config.candidates.n_candidates,
-        )
+    for user_id, relevant_ids in held_out:
+        features = recommender.features(int(user_id))
         if features is None:
             continue
-        relevant = np.isin(features.movie_ids, held_out.of(user_id)[0])
+        relevant = np.isin(features.movie_ids, relevant_ids.to_numpy(np.int64))
         # A group without a relevant candidate carries no ranking gradient.
         if relevant.any():
             matrices.append(features.matrix)

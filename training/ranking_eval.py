@@ -28,7 +28,13 @@ import pandas as pd
 from training.candidates import top_unrated
 from training.data import MovieLens
 from training.model import TrainConfig, train_two_stage
-from training.ranking import FEATURE_NAMES, RankingConfig, Recommender, train_ranker
+from training.ranking import (
+    FEATURE_NAMES,
+    HISTORY_MOVIES,
+    RankingConfig,
+    Recommender,
+    train_ranker,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -179,7 +185,8 @@ def evaluate_ranking(
 def _rated_mask(recommender: Recommender, user_id: int) -> np.ndarray:
     catalogue = recommender.ranking.catalogue
     rated = np.zeros(len(catalogue), dtype=bool)
-    position, found = catalogue.positions(recommender.ranking.history.of(user_id)[0])
+    user_row, _ = recommender.users.lookup(np.array([user_id], dtype=np.int64))
+    position, found = catalogue.positions(user_row[HISTORY_MOVIES][0])
     rated[position[found]] = True
     return rated
 

@@ -16,6 +16,8 @@ from training.features import (
     MEAN_SHRINKAGE,
     N_GENRES,
     EntityTable,
+    as_lists,
+    list_default,
     movie_fields,
     user_fields,
 )
@@ -42,7 +44,9 @@ def genre_matrix(movies: pd.DataFrame) -> np.ndarray:
 
 def user_defaults(n_factors: int, global_mean: float) -> dict[str, np.ndarray]:
     """The row an unknown user gets: no factors, no bias, unknown demographics."""
-    row = {f.name: np.float32(np.nan) for f in user_fields(n_factors)}
+    row = {
+        f.name: list_default(f) if f.is_list else np.float32(np.nan) for f in user_fields(n_factors)
+    }
     row.update(
         user_embedding=np.zeros(n_factors, np.float32),
         user_bias=np.float32(0.0),
@@ -102,6 +106,7 @@ def _user_table(data, ratings, mf, genres, global_mean) -> EntityTable:
     affinity /= genre_count + GENRE_AFFINITY_SHRINKAGE
 
     embedding, bias = _factors_for(ids, mf.user_ids, mf.user_embedding, mf.user_bias)
+    history_movie_ids, history_ratings = _histories(ids, rating_user, rating_movie, values)
     occupation_code = {name: i for i, name in enumerate(data.occupations)}
     columns = {
         "user_embedding": embedding,
@@ -114,6 +119,8 @@ def _user_table(data, ratings, mf, genres, global_mean) -> EntityTable:
         "user_rating_mean": mean,
         "user_rating_std": std,
         "user_genre_affinity": affinity.astype(np.float32),
+        "user_history_movie_ids": history_movie_ids,
+        "user_history_ratings": history_ratings,
     }
     defaults = user_defaults(mf.user_embedding.shape[1], global_mean)
     return EntityTable("user_id", ids, columns, defaults)
@@ -139,6 +146,18 @@ def _movie_table(data, ratings, mf, genres, global_mean) -> EntityTable:
     }
     defaults = movie_defaults(mf.movie_embedding.shape[1], global_mean)
     return EntityTable("movie_id", ids, columns, defaults)
+
+
+def _histories(ids, rating_user, rating_movie, values) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's rated movie ids (ascending) and ratings, as list columns in ``ids`` order."""
+    order = np.lexsort((rating_movie, rating_user))
+    users, movies, ratings = rating_user[order], rating_movie[order], values[order]
+    bounds = list(
+        zip(np.searchsorted(users, ids, "left").tolist(), np.searchsorted(users, ids, "right"))
+    )
+    movie_lists = [movies[start:stop] for start, stop in bounds]
+    rating_lists = [ratings[start:stop] for start, stop in bounds]
+    return as_lists(movie_lists, "int64"), as_lists(rating_lists, "float32")
 
 
 def _factors_for(ids, model_ids, embedding, bias) -> tuple[np.ndarray, np.ndarray]:

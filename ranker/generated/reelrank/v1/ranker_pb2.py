@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)ranker/generated/reelrank/v1/ranker.proto\x12\x0breelrank.v1\"i\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x15\n\rcandidate_ids\x18\x02 \x03(\x03\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x05 \x01(\x08\"\xbd\x01\n\x0cRankResponse\x12(\n\x06movies\x18\x01 \x03(\x0b\x32\x18.reelrank.v1.ScoredMovie\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x17\n\x0fuser_cold_start\x18\x04 \x01(\x08\x12\x15\n\rnot_found_ids\x18\x05 \x03(\x03\x12\x14\n\x0cscored_count\x18\x06 \x01(\x05\x12\x12\n\nbase_value\x18\x07 \x01(\x02\"v\n\x0bScoredMovie\x12\x10\n\x08movie_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12\x37\n\rcontributions\x18\x04 \x03(\x0b\x32 .reelrank.v1.FeatureContribution\"<\n\x13\x46\x65\x61tureContribution\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x02\x32\x45\n\x06Ranker\x12;\n\x04Rank\x12\x18.reelrank.v1.RankRequest\x1a\x19.reelrank.v1.RankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)ranker/generated/reelrank/v1/ranker.proto\x12\x0breelrank.v1\"\x84\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x15\n\rcandidate_ids\x18\x02 \x03(\x03\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x05 \x01(\x08\x12\x19\n\x11predicted_ratings\x18\x06 \x01(\x08\"\xbd\x01\n\x0cRankResponse\x12(\n\x06movies\x18\x01 \x03(\x0b\x32\x18.reelrank.v1.ScoredMovie\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x17\n\x0fuser_cold_start\x18\x04 \x01(\x08\x12\x15\n\rnot_found_ids\x18\x05 \x03(\x03\x12\x14\n\x0cscored_count\x18\x06 \x01(\x05\x12\x12\n\nbase_value\x18\x07 \x01(\x02\"\x90\x01\n\x0bScoredMovie\x12\x10\n\x08movie_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12\x37\n\rcontributions\x18\x04 \x03(\x0b\x32 .reelrank.v1.FeatureContribution\x12\x18\n\x10predicted_rating\x18\x05 \x01(\x02\"<\n\x13\x46\x65\x61tureContribution\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x02\x32\x45\n\x06Ranker\x12;\n\x04Rank\x12\x18.reelrank.v1.RankRequest\x1a\x19.reelrank.v1.RankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ranker.generated.reelrank.v1.ranker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RANKREQUEST']._serialized_start=58
-  _globals['_RANKREQUEST']._serialized_end=163
-  _globals['_RANKRESPONSE']._serialized_start=166
-  _globals['_RANKRESPONSE']._serialized_end=355
-  _globals['_SCOREDMOVIE']._serialized_start=357
-  _globals['_SCOREDMOVIE']._serialized_end=475
-  _globals['_FEATURECONTRIBUTION']._serialized_start=477
-  _globals['_FEATURECONTRIBUTION']._serialized_end=537
-  _globals['_RANKER']._serialized_start=539
-  _globals['_RANKER']._serialized_end=608
+  _globals['_RANKREQUEST']._serialized_start=59
+  _globals['_RANKREQUEST']._serialized_end=191
+  _globals['_RANKRESPONSE']._serialized_start=194
+  _globals['_RANKRESPONSE']._serialized_end=383
+  _globals['_SCOREDMOVIE']._serialized_start=386
+  _globals['_SCOREDMOVIE']._serialized_end=530
+  _globals['_FEATURECONTRIBUTION']._serialized_start=532
+  _globals['_FEATURECONTRIBUTION']._serialized_end=592
+  _globals['_RANKER']._serialized_start=594
+  _globals['_RANKER']._serialized_end=663
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class RankerStub:
-    """Ranks candidate movies for a user with the two-stage rating model.
+    """Ranks movies for a user with the ranking model.
     """
 
     def __init__(self, channel):
@@ -43,11 +43,12 @@ class RankerStub:
 
 
 class RankerServicer:
-    """Ranks candidate movies for a user with the two-stage rating model.
+    """Ranks movies for a user with the ranking model.
     """
 
     def Rank(self, request, context):
-        """Score the candidate movies for one user and return them best first.
+        """Score the candidate movies for one user (or, with no candidates, the candidate stage's
+        best movies of the whole catalogue) and return them best first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,7 +71,7 @@ def add_RankerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Ranker:
-    """Ranks candidate movies for a user with the two-stage rating model.
+    """Ranks movies for a user with the ranking model.
     """
 
     @staticmethod
