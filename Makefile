@@ -10,7 +10,7 @@ export REDIS_URL ?= redis://127.0.0.1:6379/0
 SERVE_PORT ?= 50051
 METRICS_PORT ?= 9464
 WORKERS ?= 1
-DEMO_USERS ?= 1 42 405
+DEMO_USERS ?= 1,42,405
 NODE_CLIENT := tests/node_client/node_modules/.package-lock.json
 
 # MovieLens: $(DATA) if given, else $MOVIELENS_DIR, else the shared copy beside the project,
@@ -47,21 +47,11 @@ serve: materialize
 	$(BIN)/reelrank serve --artifacts $(ARTIFACTS) --port $(SERVE_PORT) --workers $(WORKERS) \
 	  --metrics-port $(METRICS_PORT)
 
-# Train, evaluate, materialize, then start the service, rank a few users through the client and
-# stop the service again.
-demo: train evaluate materialize
-	@set -e; \
-	$(BIN)/reelrank serve --artifacts $(ARTIFACTS) --port $(SERVE_PORT) & server=$$!; \
-	trap 'kill $$server 2>/dev/null || true' EXIT; \
-	$(BIN)/reelrank health --target 127.0.0.1:$(SERVE_PORT) --wait-s 120; \
-	for user in $(DEMO_USERS); do \
-	  $(BIN)/reelrank rank --user $$user --k 5 --artifacts $(ARTIFACTS) \
-	    --target 127.0.0.1:$(SERVE_PORT); \
-	done; \
-	$(BIN)/reelrank rank --user 42 --candidates 1,50,100,181,99999 --explain \
-	  --target 127.0.0.1:$(SERVE_PORT); \
-	kill -TERM $$server; wait $$server; trap - EXIT; \
-	echo "ranking service stopped cleanly"
+# Train (unless $(ARTIFACTS) holds a run of this version), evaluate, materialize, start the
+# service, rank a few users through the gRPC client and stop the service again.
+demo: data
+	$(BIN)/reelrank demo $(DATA_FLAG) --artifacts $(ARTIFACTS) --report $(REPORT) \
+	  --seed $(SEED) --users $(DEMO_USERS)
 
 protos: install
 	$(BIN)/python -m ranker.protogen

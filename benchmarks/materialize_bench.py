@@ -211,6 +211,7 @@ def _synthetic_artifacts(out: Path, n_users: int, n_factors: int = 32) -> Path:
     import pandas as pd
 
     from training import artifacts
+    from training.candidates import ITEM_MODELS, Catalogue
     from training.features import (
         N_GENRES,
         EntityTable,
@@ -220,6 +221,7 @@ def _synthetic_artifacts(out: Path, n_users: int, n_factors: int = 32) -> Path:
         user_fields,
     )
     from training.model import TwoStageModel
+    from training.ranking import FEATURE_NAMES, RankingModel
 
     rng = np.random.default_rng(0)
     users = _random_table("user_id", n_users, user_fields(n_factors), rng)
@@ -231,20 +233,46 @@ def _synthetic_artifacts(out: Path, n_users: int, n_factors: int = 32) -> Path:
     train = lgb.Dataset(rng.random((500, len(names))), rng.random(500), feature_name=names)
     booster = lgb.train({"verbosity": -1, "num_leaves": 4}, train, num_boost_round=5)
     model = TwoStageModel(users, movies, ScoringConstants(0.0, 1.0, 5.0), booster, n_factors)
+    # The ranking model's files are not materialized; a tiny stand-in completes the run.
+    ranking_names = list(FEATURE_NAMES)
+    ranking_data = lgb.Dataset(
+        rng.random((500, len(ranking_names))), rng.random(500), feature_name=ranking_names
+    )
+    ranking_booster = lgb.train({"verbosity": -1, "num_leaves": 4}, ranking_data, 5)
+    catalogue = Catalogue(
+        movie_ids=movies.ids,
+        item_weights=np.zeros((len(ITEM_MODELS), len(movies), len(movies)), np.float32),
+        popularity=np.ones(len(movies), np.float32),
+        mean_user_activity=1.0,
+    )
+    ranking = RankingModel(ranking_booster, catalogue, n_candidates=50)
     titles = pd.DataFrame({"movie_id": movies.ids, "title": [f"movie {i}" for i in movies.ids]})
     extra = {"data": {"synthetic": True, "n_users": n_users, "n_genres": N_GENRES}}
     started = time.perf_counter()
-    artifacts.save(model, out, titles, extra)
+    artifacts.save(model, ranking, out, titles, extra)
     print(
         f"wrote synthetic artifacts for {n_users:,} users in {time.perf_counter() - started:.0f} s"
     )
     return out
 
 
+# Mean length of a synthetic user's history (ML-100K's users have 106 ratings, ML-20M's 144;
+# a million users at 20 each is ML-20M's size).
+HISTORY_MEAN = 20
+
+
 def _random_table(key, n, fields, rng):
+    from training.features import as_lists, list_default
+
     ids = np.arange(1, n + 1, dtype=np.int64)
     columns, defaults = {}, {}
+    lengths = rng.poisson(HISTORY_MEAN, n) + 1
     for field in fields:
+        if field.is_list:
+            flat = rng.integers(1, 1683, lengths.sum()).astype(field.dtype)
+            columns[field.name] = as_lists(np.split(flat, np.cumsum(lengths)[:-1]), field.dtype)
+            defaults[field.name] = list_default(field)
+            continue
         shape = (n, field.width) if field.is_array else (n,)
         values = rng.standard_normal(shape).astype(np.float32)
         if not field.is_array:

@@ -6,10 +6,8 @@ traceback. Logging is configured here and nowhere else.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -265,6 +263,7 @@ def materialize(
     ] = None,
 ) -> None:
     """Load a model version's feature tables into Feast: offline files and Redis online store."""
+    from ranker.feast_import import materialize_module
     from ranker.online_store import check_reachable
     from ranker.redis_url import redact, resolve
 
@@ -272,14 +271,11 @@ def materialize(
     url = resolve(redis_url)
     check_reachable(url)
 
-    with _without_torch():
-        from ranker.materialize import MaterializeConfig
-        from ranker.materialize import materialize as run_materialize
-
-    config = MaterializeConfig(
+    feast = materialize_module()
+    config = feast.MaterializeConfig(
         artifacts=artifacts, repo=repo, redis_url=url, project=project, incremental=incremental
     )
-    result = run_materialize(config)
+    result = feast.materialize(config)
     for view, rows in result.rows_written.items():
         typer.echo(
             f"{view}: {rows} rows written, {result.rows_removed[view]} stale rows removed"
@@ -290,25 +286,6 @@ def materialize(
         f"model {result.model_version} {verb} in project {result.project} at {redact(url)} "
         f"({result.seconds['total']:.1f} s)"
     )
-
-
-@contextlib.contextmanager
-def _without_torch() -> Iterator[None]:
-    """Make ``import torch`` fail inside the block unless torch is loaded already.
-
-    Feast imports torch at start-up (a second or two of CPU) only for on-demand views over
-    tensors, which reelrank does not define; its import guard then runs Feast as on an
-    installation without torch. Imports after the block find torch as usual.
-    """
-    if "torch" in sys.modules:
-        yield
-        return
-    sys.modules["torch"] = None
-    try:
-        yield
-    finally:
-        if sys.modules.get("torch", False) is None:
-            del sys.modules["torch"]
 
 
 @app.command()
@@ -593,6 +570,61 @@ def bench(
     typer.echo(figures_table(report).to_string(index=False))
     peaks = ", ".join(f"{mb:.0f}" for mb in report["worker_peak_rss_mb"]) or "n/a"
     typer.echo(f"peak RSS per worker (MB): {peaks}; machine: {report['machine_at_end']}")
+
+
+@app.command()
+def demo(
+    data: DataOption = None,
+    out: Annotated[
+        Path, typer.Option("--artifacts", help="Artifacts directory; trained if it holds none.")
+    ] = Path("artifacts/ml-100k"),
+    report: Annotated[
+        Path | None,
+        typer.Option("--report", help="Also evaluate (about 5 minutes) into this directory."),
+    ] = None,
+    redis_url: Annotated[
+        str, typer.Option("--redis-url", envvar="REDIS_URL", help="Online store (Feast's Redis).")
+    ] = "redis://127.0.0.1:6379/0",
+    project: Annotated[
+        str | None, typer.Option("--project", help="Feast project. Default: reelrank.")
+    ] = None,
+    repo: Annotated[
+        Path | None,
+        typer.Option("--repo", help="Feast repository. Default: this checkout's feature_repo/."),
+    ] = None,
+    users: Annotated[
+        str, typer.Option("--users", help="Comma-separated users to rank for.")
+    ] = "1,42,405",
+    k: Annotated[int, typer.Option("--k", help="Movies shown per user.", min=1)] = 5,
+    seed: SeedOption = 0,
+    retrain: Annotated[
+        bool, typer.Option("--retrain", help="Train even if --artifacts holds a run.")
+    ] = False,
+) -> None:
+    """Train, (evaluate,) materialize, serve over gRPC, rank a few users, stop: end to end."""
+    from rich.console import Console
+
+    from ranker.demo import DemoConfig
+    from ranker.demo import run as run_demo
+    from ranker.redis_url import resolve
+    from training.data import resolve_data_dir
+    from training.pipeline import read_user_ids
+
+    config = DemoConfig(
+        data_dir=resolve_data_dir(data),
+        artifacts=out,
+        redis_url=resolve(redis_url),
+        report_dir=report,
+        users=read_user_ids(users).tolist(),
+        k=k,
+        seed=seed,
+        project=project,
+        repo=repo,
+        retrain=retrain,
+    )
+    console = Console()
+    for step in run_demo(config, show=console.print):
+        typer.echo(f"- {step}")
 
 
 def main() -> None:

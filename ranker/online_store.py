@@ -495,6 +495,9 @@ class MovieRowCache:
         self.capacity = capacity
         self._fields = list(fields)
         self._index: dict[int, int] = {}
+        # The cached ids, sorted, and their rows: replaced as one tuple on every add, so a
+        # lookup without the lock sees one consistent pair.
+        self._sorted: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
         self._columns = {
             name: np.empty((0,) if width is None else (0, width), np.float32)
             for name, width in self._fields
@@ -506,8 +509,11 @@ class MovieRowCache:
 
     def positions(self, movie_ids: np.ndarray) -> np.ndarray:
         """``(n,)`` int64 row of each id in the cache, -1 where it is not cached."""
-        get = self._index.get
-        return np.fromiter((get(i, -1) for i in movie_ids.tolist()), np.int64, len(movie_ids))
+        ids, rows = self._sorted
+        if not len(ids):
+            return np.full(len(movie_ids), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(ids, movie_ids), len(ids) - 1)
+        return np.where(ids[at] == movie_ids, rows[at], -1)
 
     def gather(self, positions: np.ndarray) -> dict[str, np.ndarray]:
         """The cached rows at ``positions`` (all >= 0), per field."""
@@ -529,6 +535,9 @@ class MovieRowCache:
                 self._index[int(movie_ids[j])] = start + offset
             for name in self._columns:
                 self._columns[name] = np.concatenate([self._columns[name], rows[name][fresh]])
+            ids = np.fromiter(self._index, dtype=np.int64, count=len(self._index))
+            order = np.argsort(ids)
+            self._sorted = (ids[order], order.astype(np.int64))
 
 
 class OnlineFeatureReader:

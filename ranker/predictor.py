@@ -18,6 +18,7 @@ same model at once.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import logging
@@ -45,6 +46,29 @@ def default_cache_dir() -> Path:
     return Path(root) / "compiled-models"
 
 
+@ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+def _native_log(message: bytes) -> None:
+    _log.debug("treelite: %s", message.decode(errors="replace"))
+
+
+def _log_natively_to_logging() -> None:
+    """Send treelite's and tl2cgen's native log lines to this module's logger at debug level.
+
+    Both libraries print them to stdout by default ("Parallel compilation enabled", a version
+    notice on every load), which would interleave with a command's own output.
+    """
+    import tl2cgen.libloader
+    import treelite.core
+
+    for lib, register in (
+        (treelite.core._LIB, "TreeliteRegisterLogCallback"),
+        (tl2cgen.libloader._LIB, "TL2cgenRegisterLogCallback"),
+    ):
+        if lib is not None:
+            lib.log_callback = _native_log  # kept alive by the library object
+            getattr(lib, register)(_native_log)
+
+
 def library_path(model_text: str, cache_dir: Path) -> Path:
     """Where the compiled library of ``model_text`` is cached for this platform and toolchain."""
     import tl2cgen
@@ -60,6 +84,7 @@ def compile_model(booster, cache_dir: Path) -> Path:
     import tl2cgen
     import treelite
 
+    _log_natively_to_logging()
     model_text = booster.model_to_string()
     path = library_path(model_text, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +118,7 @@ class CompiledTrees:
     def __init__(self, path: Path):
         import tl2cgen
 
+        _log_natively_to_logging()
         self.path = path
         self._tl2cgen = tl2cgen
         self._predictor = tl2cgen.Predictor(str(path), nthread=1)

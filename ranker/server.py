@@ -22,7 +22,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -183,6 +183,8 @@ class _StoreMonitor:
         self.url = url
         self.problem: str | None = None
         """Why the store is not ready, "" when it is, None before the first probe."""
+        self.warm_up: Callable[[], None] | None = None
+        """What to run once the store is first ready for the served version."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="store-monitor", daemon=True)
 
@@ -195,9 +197,20 @@ class _StoreMonitor:
             self._thread.join(timeout=self.interval_s + 10)
 
     def check(self) -> bool:
-        """Probe once, update health and gauge, log a change; returns whether the store is ready."""
+        """Probe once, update health and gauge, log a change; returns whether the store is ready.
+
+        The first time the store is ready for a model version, the version's movie rows are
+        read into its cache (:meth:`RankingCore.warm_up`) before health turns SERVING.
+        """
         problem = self._probe()
         ready = not problem
+        warm_up = self.warm_up
+        if ready and warm_up is not None:
+            try:
+                warm_up()
+                self.warm_up = None
+            except OnlineStoreError as error:
+                _log.info("warming the movie-row cache failed (%s); will retry", error)
         for service in ("", SERVICE_NAME):
             self.health.set(service, SERVING if ready else NOT_SERVING)
         self.metrics.online_store_ready.set(1 if ready else 0)
@@ -289,7 +302,16 @@ class RankingServer:
                     f"{problem}; still serving {self.model_version}"
                 )
             old = self.servicer.core
-            self.servicer.core = RankingCore(loaded, reader, config.ranker)
+            core = RankingCore(loaded, reader, config.ranker)
+            try:
+                core.warm_up()
+            except OnlineStoreError as error:
+                reader.close()
+                raise ReloadRefused(
+                    f"not reloading model {loaded.model_version}: {error}; still serving "
+                    f"{self.model_version}"
+                ) from None
+            self.servicer.core = core
             self.monitor.reader = reader
 
             self.metrics.model_info.labels(old.model_version).set(0)
@@ -396,6 +418,7 @@ def create_server(
         raise ReelrankError(f"cannot listen on {address}: {error} (is the port taken?)") from None
     url = OnlineFeatureReader.redacted_url(config.store.redis_url)
     monitor = _StoreMonitor(reader, health_servicer, metrics, config.health_interval_s, url)
+    monitor.warm_up = core.warm_up
     server = RankingServer(grpc_server, health_servicer, monitor, servicer, metrics, config)
     return server, port
 

@@ -118,6 +118,23 @@ class RankingCore:
     def model_version(self) -> str:
         return self.artifacts.model_version
 
+    def warm_up(self, chunk: int = 512) -> None:
+        """Read every catalogue movie's row into the reader's cache (when it has one), so the
+        first calls do not pay for the rows the candidate stage needs. Raises the store's
+        errors; rows it could not read are read by calls as usual."""
+        if self.reader.movie_cache is None:
+            return
+        started = time.perf_counter()
+        movie_ids = self.ranking.catalogue.movie_ids
+        for start in range(0, len(movie_ids), chunk):
+            self.reader.read_movies(movie_ids[start : start + chunk])
+        _log.info(
+            "cached %d movie rows of model %s in %.0f ms",
+            len(self.reader.movie_cache),
+            self.model_version,
+            (time.perf_counter() - started) * 1e3,
+        )
+
     def validate(self, user_id: int, candidate_ids: np.ndarray, top_k: int) -> None:
         """Raise :class:`InvalidRequest` for the first field out of range."""
         if user_id <= 0:
@@ -160,37 +177,20 @@ class RankingCore:
 
         unique, first_index = np.unique(candidate_ids, return_index=True)
         distinct = unique[np.argsort(first_index, kind="stable")]
-        rows = self._read(deadline, self.reader.read, user_id, distinct)
-        found = np.asarray(rows.movie_found, dtype=bool)
-        found &= self.ranking.catalogue.positions(distinct)[1]
-        requested = distinct[found] if len(candidate_ids) else None
-        not_found = distinct[~found]
+        rows = self._read(deadline, self.reader.read, user_id, np.zeros(0, np.int64))
+        requested = None
+        if len(candidate_ids):
+            requested = distinct[self.ranking.catalogue.positions(distinct)[1]]
 
         plan = None
         if rows.user_found:
             n_scored = (top_k or None) if requested is None else None
             plan = self.ranking.plan(rows.user, requested, n_scored=n_scored)
-        matrix = None
-        if plan is not None:
-            needed = plan.needed_movie_ids
-            needed_rows, needed_found = self._read(deadline, self.reader.read_movies, needed)
-            if not needed_found.all():
-                # Defaults in place of a catalogue movie's row would shift every score.
-                missing = int(needed[~needed_found][0])
-                raise CorruptFeatures(
-                    f"movie {missing} of model version {self.model_version}'s catalogue has no "
-                    f"row in project {self.reader.config.project}, and user {user_id}'s ranking "
-                    "needs it; materialize the model version again"
-                )
-            features = plan.features(rows.user, needed_rows, self.constants)
-            movie_ids, matrix = features.movie_ids, features.matrix
-            scores = self.scorer.score(matrix).astype(np.float32)
+        if plan is None:
+            movie_ids, scores, matrix = self._by_popularity(deadline, requested, top_k)
         else:
-            if requested is None:
-                size = top_k or self.ranking.n_candidates
-                requested = self.ranking.catalogue.movie_ids[self.ranking.popular(size)]
-            movie_ids = requested
-            scores = self.ranking.popularity(movie_ids).astype(np.float32)
+            movie_ids, scores, matrix = self._by_ranking_model(deadline, user_id, rows, plan)
+        not_found = distinct[~np.isin(distinct, movie_ids)]
 
         order = rank_order(movie_ids, scores)
         if top_k:
@@ -205,6 +205,36 @@ class RankingCore:
             ranking.contributions = contributions[:, :-1]
             ranking.base_value = float(contributions[0, -1])
         return ranking
+
+    def _by_ranking_model(self, deadline, user_id: int, rows, plan):
+        """The chosen movies that have rows, their scores and matrix rows."""
+        needed = plan.needed_movie_ids
+        needed_rows, found = self._read(deadline, self.reader.read_movies, needed)
+        missing = needed[~found]
+        context = plan.catalogue.movie_ids[np.concatenate([plan.reference, plan.history])]
+        if np.isin(missing, context).any():
+            # Defaults in place of a rated or reference movie's row would shift every score.
+            movie_id = int(missing[np.isin(missing, context)][0])
+            raise CorruptFeatures(
+                f"movie {movie_id} of model version {self.model_version}'s catalogue has no "
+                f"row in project {self.reader.config.project}, and user {user_id}'s ranking "
+                "needs it; materialize the model version again"
+            )
+        features = plan.features(rows.user, needed_rows, self.constants)
+        keep = ~np.isin(features.movie_ids, missing)
+        matrix = features.matrix[keep]
+        return features.movie_ids[keep], self.scorer.score(matrix).astype(np.float32), matrix
+
+    def _by_popularity(self, deadline, requested: np.ndarray | None, top_k: int):
+        """Cold start: the requested movies that have rows (or the most popular ones) scored by
+        popularity; no matrix."""
+        if requested is None:
+            size = top_k or self.ranking.n_candidates
+            movie_ids = self.ranking.catalogue.movie_ids[self.ranking.popular(size)]
+        else:
+            _, found = self._read(deadline, self.reader.read_movies, requested)
+            movie_ids = requested[found]
+        return movie_ids, self.ranking.popularity(movie_ids).astype(np.float32), None
 
     def _predicted_ratings(self, deadline, rows, movie_ids: np.ndarray) -> np.ndarray:
         """The rating model's predictions for the user and ``movie_ids``, as ``predict``."""

@@ -15,7 +15,13 @@ import pytest
 
 from tests.conftest import tiny_train_config
 from training import ranking
-from training.candidates import CandidateConfig, fit_catalogue, fit_ease, rank_among, top_unrated
+from training.candidates import (
+    CandidateConfig,
+    RanksAmong,
+    fit_catalogue,
+    fit_ease,
+    top_unrated,
+)
 from training.data import load_movielens
 from training.ranking import FEATURE_NAMES, RankingConfig, train_ranker
 from training.ranking_eval import ranking_metrics, split_per_user
@@ -47,8 +53,23 @@ def test_ranks_and_top_unrated_skip_rated_and_break_ties_by_id():
     rated = np.array([False, False, False, False, True])
 
     assert top_unrated(values, rated, 3).tolist() == [1, 2, 0]
-    ranks = rank_among(values, ~rated)
-    assert ranks[:4].tolist() == [2.0, 0.0, 1.0, 3.0] and np.isnan(ranks[4])
+    assert top_unrated(values, rated, 1).tolist() == [1]
+    assert top_unrated(values, rated, 9).tolist() == [1, 2, 0, 3]
+    ranks = RanksAmong(np.vstack([values, -values]), ~rated)
+    # Ranks count the larger unrated values, so ties share one; a rated entry is ranked too.
+    assert ranks.of(np.arange(5)).tolist() == [[2, 0, 0, 3, 0], [1, 2, 2, 0, 4]]
+    assert ranks.of(np.array([3, 1])).tolist() == [[3, 0], [0, 2]]
+
+
+def test_top_unrated_agrees_with_a_full_stable_sort():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        values = rng.integers(0, 6, 40).astype(np.float64)  # many ties
+        rated = rng.random(40) < 0.3
+        n = int(rng.integers(1, 45))
+        unrated = np.flatnonzero(~rated)
+        expected = unrated[np.argsort(-values[unrated], kind="stable")][:n]
+        assert top_unrated(values, rated, n).tolist() == expected.tolist()
 
 
 def test_catalogue_round_trips_without_pickle(tiny_data, tmp_path):
@@ -63,7 +84,7 @@ def test_catalogue_round_trips_without_pickle(tiny_data, tmp_path):
     )
     catalogue.save(tmp_path / "catalogue.npz")
     again = type(catalogue).load(tmp_path / "catalogue.npz")
-    for name in ("movie_ids", "ease_weights", "cooccurrence", "rp3_weights", "sequence_weights"):
+    for name in ("movie_ids", "item_weights", "popularity"):
         assert _bitwise_equal(getattr(again, name), getattr(catalogue, name)), name
 
     (tmp_path / "broken.npz").write_bytes(b"not an npz")

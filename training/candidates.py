@@ -42,22 +42,23 @@ class CandidateConfig:
     """How many places apart in a user's time-ordered ratings two movies still count as close."""
 
 
+# The item-item models of the catalogue, in the order of ``Catalogue.item_weights``.
+ITEM_MODELS = ("ease", "cooccurrence", "rp3", "sequence")
+EASE, COOCCURRENCE, RP3, SEQUENCE = range(len(ITEM_MODELS))
+
+
 @dataclass(frozen=True)
 class Catalogue:
     """The immutable arrays of one model version, rows and columns in ``movie_ids`` order."""
 
     movie_ids: np.ndarray
     """(n_movies,) int64, sorted."""
-    ease_weights: np.ndarray
-    """(n_movies, n_movies) float32: row i holds movie i's EASE weight toward every movie."""
-    cooccurrence: np.ndarray
-    """(n_movies, n_movies) float32 cosine similarity of the movies' user sets, zero diagonal."""
+    item_weights: np.ndarray
+    """(len(ITEM_MODELS), n_movies, n_movies) float32, zero diagonals; ``[k, i, j]`` is how
+    much having movie i in a history points at movie j under item-item model k: EASE weights,
+    co-occurrence cosine, RP3beta walk weights, closeness in rating sequences."""
     popularity: np.ndarray
     """(n_movies,) float32 interactions per 10,000 training interactions."""
-    rp3_weights: np.ndarray
-    """(n_movies, n_movies) float32 RP3beta walk weights from row to column, zero diagonal."""
-    sequence_weights: np.ndarray
-    """(n_movies, n_movies) float32 closeness in users' time-ordered ratings (fit_sequence)."""
     mean_user_activity: float
     """Mean number of interactions of a user with any; scales each user's own count."""
 
@@ -71,21 +72,26 @@ class Catalogue:
         found = self.movie_ids[position] == movie_ids
         return position, found
 
+    def history_scores(self, positions: np.ndarray) -> np.ndarray:
+        """``(len(ITEM_MODELS), n_movies)`` float64: for a user whose history is the catalogue
+        ``positions``, every item-item model's rows summed (in float32). Row ``EASE`` is the
+        candidate-stage score. Sums run down the history in the given order, so a movie's
+        value does not depend on which other movies are scored."""
+        return self.item_weights[:, positions].sum(axis=1).astype(np.float64)
+
     def ease_scores(self, positions: np.ndarray) -> np.ndarray:
         """Candidate-stage scores ``(n_movies,)`` float64 of a user whose history is the
-        catalogue ``positions``: the sum of their EASE weight rows, added in the given order."""
-        return self.ease_weights[positions].sum(axis=0, dtype=np.float64)
+        catalogue ``positions``: row ``EASE`` of :meth:`history_scores`."""
+        return self.item_weights[EASE, positions].sum(axis=0).astype(np.float64)
 
     def save(self, path: Path) -> None:
         """Write the arrays as an uncompressed ``.npz`` (read back without pickle)."""
         np.savez(
             path,
             movie_ids=self.movie_ids,
-            ease_weights=self.ease_weights,
-            cooccurrence=self.cooccurrence,
+            item_weights=self.item_weights,
+            item_models=np.array(ITEM_MODELS),
             popularity=self.popularity,
-            rp3_weights=self.rp3_weights,
-            sequence_weights=self.sequence_weights,
             mean_user_activity=np.float64(self.mean_user_activity),
         )
 
@@ -93,20 +99,21 @@ class Catalogue:
     def load(cls, path: Path) -> Catalogue:
         try:
             with np.load(path, allow_pickle=False) as arrays:
+                models = tuple(arrays["item_models"].tolist())
                 catalogue = cls(
                     movie_ids=arrays["movie_ids"].astype(np.int64),
-                    ease_weights=arrays["ease_weights"].astype(np.float32),
-                    cooccurrence=arrays["cooccurrence"].astype(np.float32),
+                    item_weights=arrays["item_weights"].astype(np.float32),
                     popularity=arrays["popularity"].astype(np.float32),
-                    rp3_weights=arrays["rp3_weights"].astype(np.float32),
-                    sequence_weights=arrays["sequence_weights"].astype(np.float32),
                     mean_user_activity=float(arrays["mean_user_activity"]),
                 )
         except (KeyError, ValueError, OSError) as error:
             raise ArtifactError(f"{path} is damaged or incomplete: {error}") from None
         n = len(catalogue.movie_ids)
-        if catalogue.ease_weights.shape != (n, n) or catalogue.cooccurrence.shape != (n, n):
-            raise ArtifactError(f"{path}: item matrices do not match its {n} movie ids")
+        if models != ITEM_MODELS or catalogue.item_weights.shape != (len(ITEM_MODELS), n, n):
+            raise ArtifactError(
+                f"{path}: item models {models} of shape {catalogue.item_weights.shape} are not "
+                f"{ITEM_MODELS} over its {n} movie ids"
+            )
         return catalogue
 
 
@@ -205,34 +212,52 @@ def fit_catalogue(
     counts = interactions.sum(axis=0)
     total = max(counts.sum(), 1.0)
     activity = interactions.sum(axis=1)
+    weights = np.empty((len(ITEM_MODELS), len(all_movie_ids), len(all_movie_ids)), np.float32)
+    weights[EASE] = fit_ease(interactions, config.ease_l2)
+    weights[COOCCURRENCE] = cosine_similarity(interactions)
+    weights[RP3] = fit_rp3(interactions)
+    weights[SEQUENCE] = fit_sequence(
+        user_ids, movie_ids, timestamps, all_movie_ids, config.sequence_window
+    )
     catalogue = Catalogue(
         movie_ids=all_movie_ids,
-        ease_weights=fit_ease(interactions, config.ease_l2),
-        cooccurrence=cosine_similarity(interactions),
+        item_weights=weights,
         popularity=(counts / total * POPULARITY_SCALE).astype(np.float32),
-        rp3_weights=fit_rp3(interactions),
-        sequence_weights=fit_sequence(
-            user_ids, movie_ids, timestamps, all_movie_ids, config.sequence_window
-        ),
         mean_user_activity=float(activity.mean()) if len(activity) else 1.0,
     )
     _log.debug("candidate stage fitted on %d interactions of %d users", int(total), len(activity))
     return catalogue
 
 
-def rank_among(values: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """0-based rank of each allowed entry of ``values`` (largest first, ties by position);
-    NaN where not allowed."""
-    index = np.flatnonzero(allowed)
-    order = index[np.argsort(-values[index], kind="stable")]
-    ranks = np.full(len(values), np.nan)
-    ranks[order] = np.arange(len(order), dtype=np.float64)
-    return ranks
+class RanksAmong:
+    """Ranks within the allowed entries, for every row of ``(k, n)`` ``values``: how many
+    allowed entries of the row are larger than an entry (0 for the best; ties share a rank).
+    Sorted once; :meth:`of` looks up only the positions asked for."""
+
+    def __init__(self, values: np.ndarray, allowed: np.ndarray):
+        self.values = values
+        self.ordered = np.sort(values[:, allowed], axis=1)
+
+    def of(self, positions: np.ndarray) -> np.ndarray:
+        """``(k, len(positions))`` float64 ranks of the entries at ``positions``."""
+        count = self.ordered.shape[1]
+        ranks = [
+            count - np.searchsorted(row, values[positions], side="right")
+            for row, values in zip(self.ordered, self.values, strict=True)
+        ]
+        return np.asarray(ranks, dtype=np.float64).reshape(len(self.values), len(positions))
 
 
 def top_unrated(values: np.ndarray, rated: np.ndarray, n: int) -> np.ndarray:
     """Positions of the ``n`` largest ``values`` outside ``rated``, best first, ties by
     position (movie id ascending)."""
     index = np.flatnonzero(~rated)
-    order = index[np.argsort(-values[index], kind="stable")]
-    return order[:n]
+    if n < len(index):
+        # The n-th largest value; every larger one is in, and ties with it by position.
+        candidates = values[index]
+        kth = -np.partition(-candidates, n - 1)[n - 1]
+        above = index[candidates > kth]
+        tied = index[candidates == kth][: n - len(above)]
+        index = np.concatenate([above, tied])
+    order = np.lexsort((index, -values[index]))
+    return index[order][:n]
