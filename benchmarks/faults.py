@@ -1,6 +1,6 @@
 """Fault scenarios against a real ``reelrank serve`` under load, and the long run of them.
 
-    .venv/bin/python benchmarks/faults.py --artifacts /tmp/reelrank-artifacts \
+    .venv/bin/python -m benchmarks.faults --artifacts /tmp/reelrank-artifacts \
         --artifacts-b /tmp/reelrank-artifacts-b --rounds 5 --json benchmarks/results/faults.json
 
 Each scenario takes a :class:`Bed` (a private Redis holding one model version per Feast project,

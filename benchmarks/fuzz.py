@@ -1,6 +1,6 @@
 """Property-based fuzzing of the Rank API against a real ``reelrank serve`` process.
 
-    .venv/bin/python benchmarks/fuzz.py --artifacts /tmp/reelrank-artifacts --examples 10000 \
+    .venv/bin/python -m benchmarks.fuzz --artifacts /tmp/reelrank-artifacts --examples 10000 \
         --json benchmarks/results/fuzz.json
 
 Hypothesis builds random requests (ids negative, zero, huge and known, duplicates, empty lists,

@@ -1,6 +1,6 @@
 """Materialization speed: ML-100K end to end, 1,000,000 synthetic users, and Feast's stock path.
 
-    .venv/bin/python benchmarks/materialize_bench.py --ml100k /tmp/reelrank-artifacts \\
+    .venv/bin/python -m benchmarks.materialize_bench --ml100k /tmp/reelrank-artifacts \\
         --users 1000000 --stock-users 20000 --json benchmarks/results/materialize.json
 
 Starts its own memory-only redis-server and works on a copy of ``feature_repo/``. Measures:

@@ -1,6 +1,6 @@
 """Soak: measure the service's maximum throughput, then hold 80 % of it for N minutes.
 
-    .venv/bin/python benchmarks/soak.py --artifacts /tmp/reelrank-artifacts --minutes 10 \
+    .venv/bin/python -m benchmarks.soak --artifacts /tmp/reelrank-artifacts --minutes 10 \
         --json benchmarks/results/soak.json
 
 One ``reelrank serve`` process (``--workers`` to change) on a private Redis holding the

@@ -1,6 +1,6 @@
 """Wall-clock of stage 1 alone and of the whole `reelrank train`, over several runs.
 
-    .venv/bin/python benchmarks/train_bench.py --data ../shared/data/ml-100k --runs 3
+    .venv/bin/python -m benchmarks.train_bench --data ../shared/data/ml-100k --runs 3
 
 Prints median and worst time of each and writes them as JSON with ``--json FILE``. The issue's
 budgets are 60 s for stage 1 and 5 minutes for the full training on 2 cores.
