@@ -72,12 +72,17 @@ class Catalogue:
         found = self.movie_ids[position] == movie_ids
         return position, found
 
-    def history_scores(self, positions: np.ndarray) -> np.ndarray:
-        """``(len(ITEM_MODELS), n_movies)`` float64: for a user whose history is the catalogue
-        ``positions``, every item-item model's rows summed (in float32). Row ``EASE`` is the
-        candidate-stage score. Sums run down the history in the given order, so a movie's
-        value does not depend on which other movies are scored."""
-        return self.item_weights[:, positions].sum(axis=1).astype(np.float64)
+    def history_rows(self, positions: np.ndarray) -> np.ndarray:
+        """``(len(ITEM_MODELS), len(positions), n_movies)`` float32: every item-item model's
+        rows of the history movies at catalogue ``positions``."""
+        return self.item_weights[:, positions]
+
+    @staticmethod
+    def history_scores(rows: np.ndarray) -> np.ndarray:
+        """``(len(ITEM_MODELS), n_movies)`` float64: :meth:`history_rows` summed over the
+        history (in float32). Row ``EASE`` is the candidate-stage score. Sums run down the
+        history in its order, so a movie's value does not depend on which others are scored."""
+        return rows.sum(axis=1).astype(np.float64)
 
     def ease_scores(self, positions: np.ndarray) -> np.ndarray:
         """Candidate-stage scores ``(n_movies,)`` float64 of a user whose history is the

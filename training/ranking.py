@@ -190,8 +190,10 @@ class CandidatePlan:
         self.rated = np.zeros(len(catalogue), dtype=bool)
         self.rated[position] = True
 
-        # (4, n_movies): EASE, co-occurrence (as a mean), RP3beta and sequence scores.
-        scores = catalogue.history_scores(position)
+        # (4, h, n_movies) rows of the history movies, and (4, n_movies) scores from them:
+        # EASE, co-occurrence (as a mean), RP3beta and sequence.
+        self.history_rows = catalogue.history_rows(position)
+        scores = catalogue.history_scores(self.history_rows)
         scores[COOCCURRENCE] /= len(position)
         self.scores = scores
         self.ranks = RanksAmong(np.vstack([scores, catalogue.popularity[None, :]]), ~self.rated)
@@ -275,9 +277,8 @@ class _RowView:
         # Element-wise products and sums down the history, not BLAS, whose order of additions
         # may depend on where a row sits in memory: a movie must score the same alone as
         # among others.
-        weights = catalogue.item_weights
-        ease = weights[EASE][plan.history][:, chosen].astype(np.float64)
-        cooc = weights[COOCCURRENCE][plan.history][:, chosen].astype(np.float64)
+        ease = plan.history_rows[EASE][:, chosen].astype(np.float64)
+        cooc = plan.history_rows[COOCCURRENCE][:, chosen].astype(np.float64)
         ease_top = _top_rows(ease, 5)
         cooc_top = _top_rows(cooc, 3)
         genres = self._movie_column("movie_genres", chosen)

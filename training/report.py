@@ -39,7 +39,7 @@ def write_report(metrics: dict, out_dir: Path) -> None:
             "Ranking-model",
         )
         parts.append(render_ranking_markdown(ranking))
-    (out_dir / "report.md").write_text("\n".join(parts))
+    (out_dir / "report.md").write_text("\n\n".join(parts))
     _log.info("wrote metrics.json, report.md and plots to %s", out_dir)
 
 
