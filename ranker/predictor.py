@@ -112,8 +112,28 @@ def compile_model(booster, cache_dir: Path) -> Path:
     return path
 
 
+# The low 32 bits of a float64 that tl2cgen's compiled code reads as "missing": its input is
+# a union of an int flag and the double, and the flag's -1 overlaps the double's low 4 bytes.
+_MISSING_FLAG_BITS = np.uint64(0xFFFFFFFF)
+
+
+def misread_as_missing(matrix: np.ndarray) -> np.ndarray:
+    """``(n,)`` bool: rows holding a value whose low 32 bits are all ones (for example
+    -4.999999999999999), which tl2cgen's compiled code takes for a missing value.
+
+    Float32 values widened to float64 never look like that; the ranking model's standardized
+    features can.
+    """
+    bits = np.ascontiguousarray(matrix, dtype=np.float64).view(np.uint64)
+    return ((bits & _MISSING_FLAG_BITS) == _MISSING_FLAG_BITS).any(axis=1)
+
+
 class CompiledTrees:
-    """A compiled library of one model, scoring float64 matrices on the calling thread."""
+    """A compiled library of one model, scoring float64 matrices on the calling thread.
+
+    Rows that :func:`misread_as_missing` flags must not be given to it; :class:`Scorer`
+    scores those with LightGBM.
+    """
 
     def __init__(self, path: Path):
         import tl2cgen
@@ -153,7 +173,9 @@ def ranking_check_matrix(recommender) -> np.ndarray:
 
 
 def same_scores(booster, compiled: CompiledTrees, matrix: np.ndarray) -> bool:
-    """Whether ``compiled`` gives exactly LightGBM's raw output on every row of ``matrix``."""
+    """Whether ``compiled`` gives exactly LightGBM's raw output on every row of ``matrix``
+    that it may be given (see :func:`misread_as_missing`)."""
+    matrix = matrix[~misread_as_missing(matrix)]
     if not len(matrix):
         return False
     expected = booster.predict(matrix, num_threads=1)
@@ -181,7 +203,14 @@ class Scorer:
         compiled = self._compiled
         if compiled is None:
             return self.model.score(matrix)
-        return self.model.score(matrix, raw=compiled.predict(matrix))
+        misread = misread_as_missing(matrix)
+        if misread.all():
+            return self.model.score(matrix)
+        raw = np.empty(len(matrix), dtype=np.float64)
+        raw[~misread] = compiled.predict(matrix[~misread])
+        if misread.any():
+            raw[misread] = self.model.booster.predict(matrix[misread], num_threads=1)
+        return self.model.score(matrix, raw=raw)
 
     def use_compiled(self, cache_dir: Path | None = None, background: bool = True) -> None:
         """Compile (or load from ``cache_dir``) and check the trees, then serve with them;

@@ -95,10 +95,10 @@ class RankingCore:
     """Ranks candidate movies for a user from online features with one loaded model version.
 
     The path is :class:`training.ranking.Recommender`'s with the online store in place of the
-    feature tables: the user's row (history included) and the candidates' rows come from the
-    store, the candidate stage plans which other movie rows the ranking matrix needs, those
-    come from the store too (in practice from the version's movie-row cache), and the ranking
-    model scores.
+    feature tables: the user's row (history included) comes from the store with the store's
+    version record, the candidate stage plans which movie rows the ranking matrix needs (the
+    candidates', the user's rated movies' and the reference set's), those come from the store
+    too (in practice from the version's movie-row cache), and the ranking model scores.
     """
 
     def __init__(self, artifacts: Artifacts, reader: OnlineFeatureReader, config: RankerConfig):
@@ -168,8 +168,8 @@ class RankingCore:
 
         ``time_remaining_s`` is what is left of the caller's deadline (None: no deadline); the
         store reads wait at most that long, or the store's socket timeout if shorter. Raises
-        :class:`InvalidRequest`, :class:`RequestDeadlineExceeded`, ``OnlineStoreUnavailable``
-        or ``StaleFeatures``.
+        :class:`InvalidRequest`, :class:`RequestDeadlineExceeded`, ``OnlineStoreUnavailable``,
+        ``StaleFeatures`` or ``CorruptFeatures``.
         """
         deadline = None if time_remaining_s is None else time.monotonic() + time_remaining_s
         candidate_ids = np.asarray(candidate_ids, dtype=np.int64)

@@ -13,11 +13,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ranker.online_store import (
+    FLOAT_LIST,
+    INT64_LIST,
     ViewLayout,
     _TableCodec,
+    decode_list,
     decode_string,
     encode_float_lists,
     encode_floats,
+    encode_list,
+    encode_lists,
     encode_string,
     field_hash,
 )
@@ -68,6 +73,35 @@ def test_float_encodings_are_protobufs(feast_helpers, values):
     assert as_list == Value(float_list_val=FloatList(val=values.tolist())).SerializeToString()
     parsed = np.array(Value.FromString(as_list).float_list_val.val, dtype=np.float32)
     assert parsed.tobytes() == values.tobytes()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    lists=st.lists(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=40), max_size=6),
+    floats=hnp.arrays(np.float32, st.integers(0, 30), elements=float32s),
+)
+def test_list_encodings_of_any_length_are_protobufs(feast_helpers, lists, floats):
+    """The history lists: int64 ids as packed varints, float32 ratings, empty lists too."""
+    from feast.protos.feast.types.Value_pb2 import Int64List
+
+    *_, FloatList, Value = feast_helpers
+    flat = np.array([v for values in lists for v in values], dtype=np.int64)
+    offsets = np.cumsum([0, *(len(values) for values in lists)])
+    for values, encoded in zip(lists, encode_lists(flat, offsets, INT64_LIST), strict=True):
+        assert encoded == Value(int64_list_val=Int64List(val=values)).SerializeToString()
+        assert decode_list(encoded, INT64_LIST).tolist() == values
+
+    encoded = encode_list(floats, FLOAT_LIST)
+    assert encoded == Value(float_list_val=FloatList(val=floats.tolist())).SerializeToString()
+    assert decode_list(encoded, FLOAT_LIST).tobytes() == floats.tobytes()
+
+
+def test_malformed_lists_are_refused_and_null_is_empty():
+    ids = encode_list(np.array([5, 300, 70_000]), INT64_LIST)
+    assert decode_list(b"", INT64_LIST).tolist() == []
+    for damaged in (ids[:-1], ids + b"\x01", b"\x35" + ids[1:], ids[:2] + b"\x12" + ids[3:]):
+        assert decode_list(damaged, INT64_LIST) is None
+    assert decode_list(ids, FLOAT_LIST) is None
 
 
 @given(text=st.text(max_size=300))

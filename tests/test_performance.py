@@ -111,6 +111,28 @@ def test_compiled_ranking_trees_score_exactly_as_lightgbm(loaded, compiled_dir) 
         assert _bitwise_equal(scorer.score(rows), loaded.ranking.score(rows))
 
 
+def test_values_tl2cgen_reads_as_missing_are_found():
+    from ranker.predictor import misread_as_missing
+
+    almost_five = np.nextafter(-5.0, 0.0)  # -4.999999999999999: low 32 bits all ones
+    matrix = np.array([[1.0, 2.5], [almost_five, 0.0], [np.float32(0.1), -3.0]])
+    assert misread_as_missing(matrix).tolist() == [False, True, False]
+
+
+@needs_gcc
+def test_compiled_ranking_trees_fall_back_for_values_read_as_missing(loaded, compiled_dir):
+    """tl2cgen's compiled code takes a float64 whose low 32 bits are all ones for a missing
+    value; such rows must still score exactly as LightGBM does."""
+    scorer = Scorer(loaded.ranking, lambda: ranking_check_matrix(loaded.recommender()))
+    scorer.use_compiled(compiled_dir, background=False)
+    assert scorer.backend == "tl2cgen"
+
+    matrix = _ranking_matrix(loaded)[:200].copy()
+    bits = matrix.view(np.uint64)
+    bits[::3, ::2] |= np.uint64(0xFFFFFFFF)  # nudge values onto the misread pattern
+    assert _bitwise_equal(scorer.score(matrix), loaded.ranking.score(matrix))
+
+
 @needs_gcc
 def test_a_compiled_library_that_differs_is_never_used(
     loaded, second_artifacts, compiled_dir, tmp_path
