@@ -69,11 +69,11 @@ def run(config: DemoConfig, show: Callable[[object], None] = print) -> list[str]
         steps.append(f"trained model {manifest['model_version']} into {config.artifacts}")
 
     if config.report_dir is not None:
-        from training.report import ranking_table, rating_table
+        from training import report
 
         metrics = evaluate(config.data_dir, config.report_dir, TrainConfig(), config.seed, FOLDS)
-        show(rating_table(metrics))
-        show(ranking_table(metrics["ranking"]))
+        show(report.rating_table(metrics))
+        show(report.ranking_table(metrics["ranking"]))
         steps.append(f"evaluated; report in {config.report_dir / 'report.md'}")
 
     steps.append(_materialize(config))

@@ -210,20 +210,22 @@ class RankingCore:
         """The chosen movies that have rows, their scores and matrix rows."""
         needed = plan.needed_movie_ids
         needed_rows, found = self._read(deadline, self.reader.read_movies, needed)
-        missing = needed[~found]
-        context = plan.catalogue.movie_ids[np.concatenate([plan.reference, plan.history])]
-        if np.isin(missing, context).any():
-            # Defaults in place of a rated or reference movie's row would shift every score.
-            movie_id = int(missing[np.isin(missing, context)][0])
-            raise CorruptFeatures(
-                f"movie {movie_id} of model version {self.model_version}'s catalogue has no "
-                f"row in project {self.reader.config.project}, and user {user_id}'s ranking "
-                "needs it; materialize the model version again"
-            )
         features = plan.features(rows.user, needed_rows, self.constants)
-        keep = ~np.isin(features.movie_ids, missing)
-        matrix = features.matrix[keep]
-        return features.movie_ids[keep], self.scorer.score(matrix).astype(np.float32), matrix
+        movie_ids, matrix = features.movie_ids, features.matrix
+        if not found.all():
+            missing = needed[~found]
+            context = plan.catalogue.movie_ids[np.concatenate([plan.reference, plan.history])]
+            needs = missing[np.isin(missing, context)]
+            if len(needs):
+                # Defaults in place of a rated or reference movie's row would shift every score.
+                raise CorruptFeatures(
+                    f"movie {int(needs[0])} of model version {self.model_version}'s catalogue "
+                    f"has no row in project {self.reader.config.project}, and user {user_id}'s "
+                    "ranking needs it; materialize the model version again"
+                )
+            keep = ~np.isin(movie_ids, missing)
+            movie_ids, matrix = movie_ids[keep], matrix[keep]
+        return movie_ids, self.scorer.score(matrix).astype(np.float32), matrix
 
     def _by_popularity(self, deadline, requested: np.ndarray | None, top_k: int):
         """Cold start: the requested movies that have rows (or the most popular ones) scored by

@@ -22,6 +22,7 @@ def test_demo_runs_every_step_and_exits_0(tiny_data: Path, redis_url: str, tmp_p
         sys.executable, "-m", "ranker.cli", "--log-level", "warning", "demo",
         "--data", str(tiny_data), "--artifacts", str(tmp_path / "artifacts"),
         "--redis-url", redis_url, "--repo", str(repo), "--users", "3,99999", "--k", "4",
+        "--report", str(tmp_path / "report"),
     ]  # fmt: skip
     env = {**os.environ, "COLUMNS": "200"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
@@ -30,6 +31,8 @@ def test_demo_runs_every_step_and_exits_0(tiny_data: Path, redis_url: str, tmp_p
     lines = done.stdout.splitlines()
     assert any(line.startswith("- trained model ") for line in lines)
     assert any(line.startswith("- materialized user_features 30") for line in lines)
+    assert "- evaluated; report in " + str(tmp_path / "report" / "report.md") in lines
+    assert "NDCG@10" in done.stdout and "RMSE mean" in done.stdout
     assert "- ranked users 3, 99999" in lines and lines[-1] == "- service stopped"
     assert "user 99999 (cold start" in done.stdout
     assert "predicted rating" in done.stdout

@@ -27,9 +27,11 @@ def ratings_path(data_dir: Path, ratings_file: str | Path) -> Path:
     """Where ``--ratings`` points: a file of that name inside ``data_dir`` (``u1.base``), else
     the path as given (absolute, or relative to the working directory)."""
     inside = Path(data_dir) / ratings_file
-    if inside.is_file() or not Path(ratings_file).is_file():
+    if inside.is_file():
         return inside
-    return Path(ratings_file)
+    if Path(ratings_file).is_file():
+        return Path(ratings_file)
+    raise DataError(f"--ratings {ratings_file}: no such file here or inside {data_dir}")
 
 
 def train(
