@@ -307,6 +307,14 @@ def serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.", min=0)
     ] = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            help="RPC threads per worker process: calls one worker runs at once, health checks "
+            "included; more queue.",
+            min=2,
+        ),
+    ] = 2,
     max_candidates: Annotated[
         int, typer.Option(help="Most candidates one request may carry.", min=1)
     ] = 10_000,
@@ -345,6 +353,14 @@ def serve(
             min=0,
         ),
     ] = 100_000,
+    user_cache_users: Annotated[
+        int,
+        typer.Option(
+            help="Users whose candidate stage and ranking features are kept between calls, "
+            "keyed by their row's exact stored bytes (re-read on every call); 0 keeps none.",
+            min=0,
+        ),
+    ] = 1024,
     compiled_trees: Annotated[
         bool,
         typer.Option(
@@ -378,6 +394,7 @@ def serve(
         host=host,
         port=port,
         workers=workers,
+        threads=threads,
         metrics_port=metrics_port,
         shutdown_grace_s=grace_s,
         store=OnlineStoreConfig(
@@ -386,7 +403,11 @@ def serve(
             socket_timeout_s=store_timeout_ms / 1e3,
             movie_cache_rows=movie_cache_rows,
         ),
-        ranker=RankerConfig(max_candidates=max_candidates, compiled_trees=compiled_trees),
+        ranker=RankerConfig(
+            max_candidates=max_candidates,
+            compiled_trees=compiled_trees,
+            user_cache_users=user_cache_users,
+        ),
         tls=tls,
         release_file=release,
     )

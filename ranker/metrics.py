@@ -68,6 +68,13 @@ class ServiceMetrics:
             ("entity",),
             registry=registry,
         )
+        self.user_contexts = Counter(
+            "reelrank_user_contexts",
+            "Rank calls by whether the user's candidate stage and features were reused from the "
+            "per-version user cache (result=hit) or computed from the row just read (miss).",
+            ("result",),
+            registry=registry,
+        )
         self.online_store_ready = Gauge(
             "reelrank_online_store_ready",
             "1 while the online store answers and holds the served model version's features, "

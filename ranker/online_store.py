@@ -604,6 +604,25 @@ class OnlineFeatureReader:
         user_rows, user_found, movie_rows, movie_found = self._read(user_ids, movie_ids, timeout_s)
         return OnlineRows(user_rows, movie_rows, bool(user_found[0]), movie_found)
 
+    def read_user(self, user_id: int, timeout_s: float | None = None) -> tuple:
+        """The stored fields of ``user_id``'s row as Redis returned them (bytes, or None
+        where absent; the model-version field last), with the store's version record checked
+        in the same round trip as in :meth:`read`. :meth:`decode_user` turns them into a row.
+
+        The same bytes always decode to the same row, so they can key what is derived from the
+        row (see ``ranker.service.UserContextCache``)."""
+        users = self._codecs["user"]
+        request = self._version_query + users.commands(np.array([user_id], dtype=np.int64))
+        replies = self._round_trip(request, 2, timeout_s)
+        self._check_store_version(replies[0])
+        return tuple(replies[1])
+
+    def decode_user(self, user_id: int, stored: tuple) -> tuple[dict[str, np.ndarray], bool]:
+        """The row of :meth:`read_user`'s ``stored`` fields (defaults when the user has no
+        row) and whether it had one; raises as :meth:`read` does for a malformed row."""
+        rows, found = self._codecs["user"].decode([stored], np.array([user_id], dtype=np.int64))
+        return rows, bool(found[0])
+
     def read_movies(
         self,
         movie_ids: np.ndarray,

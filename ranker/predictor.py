@@ -204,6 +204,8 @@ class Scorer:
         if compiled is None:
             return self.model.score(matrix)
         misread = misread_as_missing(matrix)
+        if not misread.any():
+            return self.model.score(matrix, raw=compiled.predict(matrix))
         if misread.all():
             return self.model.score(matrix)
         raw = np.empty(len(matrix), dtype=np.float64)

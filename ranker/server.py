@@ -70,8 +70,10 @@ class ServerConfig:
     """TCP port; 0 picks a free one."""
     workers: int = 1
     """Server processes sharing the port; about one per CPU core."""
-    threads: int = 8
-    """RPC threads per process; the work is mostly CPU under the GIL, so a few suffice."""
+    threads: int = 2
+    """RPC threads per process, health checks included. The work is CPU under the GIL, and
+    more threads only trade it back and forth: at 4 calls in flight over 2 workers, 2 threads
+    each served a third more calls per second than 8 (docs/decisions.md)."""
     max_concurrent_rpcs: int = 64
     """Calls one process accepts at once; further calls get RESOURCE_EXHAUSTED, not a queue."""
     metrics_port: int | None = None

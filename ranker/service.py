@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from ranker.predictor import Scorer, check_matrix, ranking_check_matrix
 from training.artifacts import Artifacts
 from training.errors import ReelrankError
 from training.features import build_matrix
-from training.ranking import FEATURE_NAMES, rank_order
+from training.ranking import FEATURE_NAMES, UserFeatures, rank_order
 
 _log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class RankerConfig:
     to LightGBM (:mod:`ranker.predictor`); LightGBM scores until then."""
     compiled_trees_dir: Path | None = None
     """Cache of compiled models; None means ``$REELRANK_CACHE_DIR/compiled-models``."""
+    user_cache_users: int = 1024
+    """Users whose candidate-independent ranking input (:class:`UserContext`, about 50 KB
+    each on ML-100K) is kept between calls, least recently used first out; 0 keeps none."""
 
 
 class InvalidRequest(ReelrankError):
@@ -89,6 +93,56 @@ class Ranking:
     contributions: np.ndarray | None = None
     """(k, n_features) float64 per-feature contributions, only when asked to explain."""
     base_value: float = 0.0
+    context_cached: bool = False
+    """Whether the user's :class:`UserContext` came from the :class:`UserContextCache`."""
+
+
+@dataclass(frozen=True)
+class UserContext:
+    """What a Rank call derives from the user's stored row alone: the decoded row, whether the
+    store had one, and (unless the user is a cold start) the ranking model's candidate stage
+    and user features, which take most of a call's work."""
+
+    user_row: dict[str, np.ndarray]
+    user_found: bool
+    features: UserFeatures | None
+
+
+class UserContextCache:
+    """:class:`UserContext` of recently ranked users, for ONE model version.
+
+    The key is the user id with the row's stored bytes exactly as Redis returned them on this
+    call (every field, the row's model-version field included), and the context is a pure
+    function of those bytes, the model version's immutable arrays and the version's movie rows.
+    So a hit can never be stale: a changed row is other bytes, hence a miss; another model
+    version has another reader, another core and so another cache; and every call still reads
+    the store's version record and the user's row from Redis before looking here. Only the
+    candidate stage's work is saved, not a read.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, UserContext] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple) -> UserContext | None:
+        with self._lock:
+            context = self._entries.get(key)
+            if context is not None:
+                self._entries.move_to_end(key)
+            return context
+
+    def put(self, key: tuple, context: UserContext) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._entries[key] = context
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
 
 
 class RankingCore:
@@ -110,6 +164,12 @@ class RankingCore:
         self.feature_names = list(FEATURE_NAMES)
         self.scorer = Scorer(self.ranking, lambda: ranking_check_matrix(artifacts.recommender()))
         self.rating_scorer = Scorer(artifacts.model, lambda: check_matrix(artifacts.model))
+        self.contexts = UserContextCache(config.user_cache_users)
+        # The numeric work of one call at a time per process: threads of concurrent calls
+        # would otherwise trade the GIL back and forth inside numpy (every array operation
+        # may release and retake it), which cost a quarter of the throughput at 4 calls in
+        # flight. Store reads happen outside it, so calls still overlap their waits.
+        self._computing = threading.Lock()
         if config.compiled_trees:
             self.scorer.use_compiled(config.compiled_trees_dir)
             self.rating_scorer.use_compiled(config.compiled_trees_dir)
@@ -177,27 +237,37 @@ class RankingCore:
 
         unique, first_index = np.unique(candidate_ids, return_index=True)
         distinct = unique[np.argsort(first_index, kind="stable")]
-        rows = self._read(deadline, self.reader.read, user_id, np.zeros(0, np.int64))
+        context, cached = self._context(deadline, user_id)
+        # The requested movies of the catalogue, as catalogue positions; None: none requested.
         requested = None
         if len(candidate_ids):
-            requested = distinct[self.ranking.catalogue.positions(distinct)[1]]
+            position, known = self.ranking.catalogue.positions(distinct)
+            requested = position[known]
 
-        plan = None
-        if rows.user_found:
-            n_scored = (top_k or None) if requested is None else None
-            plan = self.ranking.plan(rows.user, requested, n_scored=n_scored)
-        if plan is None:
-            movie_ids, scores, matrix = self._by_popularity(deadline, requested, top_k)
+        features = context.features
+        if features is None:
+            movie_ids, scores, matrix, found = self._by_popularity(deadline, requested, top_k)
         else:
-            movie_ids, scores, matrix = self._by_ranking_model(deadline, user_id, rows, plan)
-        not_found = distinct[~np.isin(distinct, movie_ids)]
+            movie_ids, scores, matrix, found = self._by_ranking_model(
+                deadline, features, requested, top_k
+            )
+        not_found = np.zeros(0, np.int64)
+        if requested is not None:
+            scored = np.zeros(len(distinct), dtype=bool)
+            scored[np.flatnonzero(known)[found]] = True
+            not_found = distinct[~scored]
 
         order = rank_order(movie_ids, scores)
         if top_k:
             order = order[:top_k]
-        ranking = Ranking(movie_ids[order], scores[order], plan is None, not_found, len(movie_ids))
+        ranking = Ranking(
+            movie_ids[order], scores[order], features is None, not_found, len(movie_ids)
+        )
+        ranking.context_cached = cached
         if predicted_ratings and len(order):
-            ranking.predicted_ratings = self._predicted_ratings(deadline, rows, ranking.movie_ids)
+            ranking.predicted_ratings = self._predicted_ratings(
+                deadline, context.user_row, ranking.movie_ids
+            )
         if explain and matrix is not None and len(order):
             contributions = self.ranking.booster.predict(
                 matrix[order], pred_contrib=True, num_threads=1
@@ -206,42 +276,71 @@ class RankingCore:
             ranking.base_value = float(contributions[0, -1])
         return ranking
 
-    def _by_ranking_model(self, deadline, user_id: int, rows, plan):
-        """The chosen movies that have rows, their scores and matrix rows."""
-        needed = plan.needed_movie_ids
-        needed_rows, found = self._read(deadline, self.reader.read_movies, needed)
-        features = plan.features(rows.user, needed_rows, self.constants)
-        movie_ids, matrix = features.movie_ids, features.matrix
-        if not found.all():
-            missing = needed[~found]
-            context = plan.catalogue.movie_ids[np.concatenate([plan.reference, plan.history])]
-            needs = missing[np.isin(missing, context)]
-            if len(needs):
+    def _context(self, deadline, user_id: int) -> tuple[UserContext, bool]:
+        """The user's :class:`UserContext` for the row the store holds now, and whether it
+        was cached. The row is read on every call; only what follows from it is kept."""
+        stored = self._read(deadline, self.reader.read_user, user_id)
+        key = (user_id, stored)
+        context = self.contexts.get(key)
+        if context is not None:
+            return context, True
+        with self._computing:
+            user_row, user_found = self.reader.decode_user(user_id, stored)
+            stage = self.ranking.stage(user_row) if user_found else None
+        features = None
+        if stage is not None:
+            needed = stage.context_movie_ids
+            rows, found = self._read(deadline, self.reader.read_movies, needed)
+            if not found.all():
                 # Defaults in place of a rated or reference movie's row would shift every score.
                 raise CorruptFeatures(
-                    f"movie {int(needs[0])} of model version {self.model_version}'s catalogue "
-                    f"has no row in project {self.reader.config.project}, and user {user_id}'s "
-                    "ranking needs it; materialize the model version again"
+                    f"movie {int(needed[~found][0])} of model version {self.model_version}'s "
+                    f"catalogue has no row in project {self.reader.config.project}, and user "
+                    f"{user_id}'s ranking needs it; materialize the model version again"
                 )
-            keep = ~np.isin(movie_ids, missing)
-            movie_ids, matrix = movie_ids[keep], matrix[keep]
-        return movie_ids, self.scorer.score(matrix).astype(np.float32), matrix
+            with self._computing:
+                features = UserFeatures(stage, user_row, rows, self.constants)
+        context = UserContext(user_row, user_found, features)
+        self.contexts.put(key, context)
+        return context, False
+
+    def _by_ranking_model(self, deadline, features: UserFeatures, requested, top_k: int):
+        """The scored movies that have rows, their scores and matrix rows, and which of the
+        ``requested`` catalogue positions had rows: the requested movies, or without a request
+        the candidate stage's best."""
+        stage = features.stage
+        if requested is None:
+            chosen = stage.ranked(max(len(stage.reference), top_k))
+        else:
+            chosen = requested
+        movie_ids = stage.catalogue.movie_ids[chosen]
+        rows, found = self._read(deadline, self.reader.read_movies, movie_ids)
+        if not found.all():
+            chosen, movie_ids = chosen[found], movie_ids[found]
+            rows = {name: values[found] for name, values in rows.items()}
+        with self._computing:
+            matrix = features.matrix(chosen, rows)
+            scores = self.scorer.score(matrix).astype(np.float32)
+        return movie_ids, scores, matrix, found
 
     def _by_popularity(self, deadline, requested: np.ndarray | None, top_k: int):
         """Cold start: the requested movies that have rows (or the most popular ones) scored by
         popularity; no matrix."""
+        catalogue = self.ranking.catalogue
         if requested is None:
             size = top_k or self.ranking.n_candidates
-            movie_ids = self.ranking.catalogue.movie_ids[self.ranking.popular(size)]
+            movie_ids = catalogue.movie_ids[self.ranking.popular(size)]
+            found = np.ones(len(movie_ids), dtype=bool)
         else:
-            _, found = self._read(deadline, self.reader.read_movies, requested)
-            movie_ids = requested[found]
-        return movie_ids, self.ranking.popularity(movie_ids).astype(np.float32), None
+            _, found = self._read(deadline, self.reader.read_movies, catalogue.movie_ids[requested])
+            movie_ids = catalogue.movie_ids[requested[found]]
+        scores = self.ranking.popularity(movie_ids).astype(np.float32)
+        return movie_ids, scores, None, found
 
-    def _predicted_ratings(self, deadline, rows, movie_ids: np.ndarray) -> np.ndarray:
+    def _predicted_ratings(self, deadline, user_row, movie_ids: np.ndarray) -> np.ndarray:
         """The rating model's predictions for the user and ``movie_ids``, as ``predict``."""
         movie_rows, _ = self._read(deadline, self.reader.read_movies, movie_ids)
-        matrix = build_matrix(rows.user, movie_rows, self.constants)
+        matrix = build_matrix(user_row, movie_rows, self.constants)
         return self.rating_scorer.score(matrix).astype(np.float32)
 
     def _read(self, deadline: float | None, read, *args):
@@ -354,6 +453,7 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             predicted_ratings=request.predicted_ratings,
         )
 
+        self.metrics.user_contexts.labels("hit" if ranking.context_cached else "miss").inc()
         if ranking.user_cold_start:
             self.metrics.features_missing.labels("user").inc()
         if len(ranking.not_found_ids):

@@ -19,6 +19,7 @@ from ranker.online_store import (
     OnlineStoreConfig,
     OnlineStoreTimeout,
     StaleFeatures,
+    ViewLayout,
 )
 from ranker.predictor import (
     Scorer,
@@ -27,7 +28,14 @@ from ranker.predictor import (
     library_path,
     ranking_check_matrix,
 )
-from ranker.service import RankerConfig, RankingCore, RequestDeadlineExceeded, status_for
+from ranker.service import (
+    RankerConfig,
+    RankingCore,
+    RequestDeadlineExceeded,
+    UserContext,
+    UserContextCache,
+    status_for,
+)
 from training import artifacts as artifacts_io
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
@@ -216,6 +224,68 @@ def test_the_movie_cache_never_serves_another_model_version(
     assert _bitwise_equal(matrix, loaded.model.features(users, movie_ids)[0])
     old.close()
     new.close()
+
+
+@pytest.mark.integration
+def test_the_user_cache_serves_only_what_the_stored_row_gives_now(
+    feast_repo, tiny_artifacts, second_artifacts, loaded, redis_url
+) -> None:
+    """A user's cached candidate stage and features are keyed by the row's exact stored
+    bytes, re-read on every call: a changed row is recomputed, another version is refused."""
+    _materialize(tiny_artifacts, redis_url, feast_repo)
+    reader = _reader(redis_url, loaded.manifest, cache_rows=1_000)
+    core = RankingCore(loaded, reader, RankerConfig(compiled_trees=False, user_cache_users=8))
+    movie_ids = loaded.model.movies.ids
+    recommender = loaded.recommender()
+
+    def offline(user_id: int) -> np.ndarray:
+        features = recommender.features(user_id, candidate_ids=movie_ids)
+        order = np.argsort(features.movie_ids)
+        return loaded.ranking.score(features.matrix).astype(np.float32)[order]
+
+    def online(user_id: int):
+        ranking = core.rank(user_id, movie_ids)
+        return ranking.scores[np.argsort(ranking.movie_ids)], ranking.context_cached
+
+    first, cached = online(2)
+    assert not cached and _bitwise_equal(first, offline(2))
+    again, cached = online(2)
+    assert cached and _bitwise_equal(again, first)
+
+    # User 2's row now holds what user 3's held: same version, other bytes, so no hit.
+    client = redis.Redis.from_url(redis_url)
+    key_2, key_3 = (
+        ViewLayout("user", "user_id", [], "reelrank").keys(np.array([u]))[0] for u in (2, 3)
+    )
+    stored = client.hgetall(key_3)
+    client.delete(key_2)
+    client.hset(key_2, mapping=stored)
+    moved, cached = online(2)
+    assert not cached and _bitwise_equal(moved, offline(3))
+    assert not _bitwise_equal(moved, first)
+    assert online(2)[1]
+
+    # Another model version in the store: the cached users are refused, not served.
+    _materialize(second_artifacts, redis_url, feast_repo)
+    with pytest.raises(StaleFeatures):
+        core.rank(2, movie_ids)
+    client.close()
+    reader.close()
+
+
+def test_the_user_cache_keeps_the_most_recently_used_users() -> None:
+    cache = UserContextCache(2)
+    first, second, third = (UserContext({}, True, None) for _ in range(3))
+    cache.put((1, b"a"), first)
+    cache.put((2, b"b"), second)
+    assert cache.get((1, b"a")) is first  # now the most recent
+    cache.put((3, b"c"), third)
+    assert cache.get((2, b"b")) is None
+    assert cache.get((1, b"a")) is first and cache.get((3, b"c")) is third
+    assert cache.get((1, b"other bytes")) is None
+    off = UserContextCache(0)
+    off.put((1, b"a"), first)
+    assert len(off) == 0
 
 
 def test_a_version_cache_refuses_rows_of_another_version(loaded) -> None:

@@ -17,9 +17,9 @@ from tests.conftest import tiny_train_config
 from training import ranking
 from training.candidates import (
     CandidateConfig,
-    RanksAmong,
     fit_catalogue,
     fit_ease,
+    ranks_among,
     top_unrated,
 )
 from training.data import load_movielens
@@ -55,10 +55,19 @@ def test_ranks_and_top_unrated_skip_rated_and_break_ties_by_id():
     assert top_unrated(values, rated, 3).tolist() == [1, 2, 0]
     assert top_unrated(values, rated, 1).tolist() == [1]
     assert top_unrated(values, rated, 9).tolist() == [1, 2, 0, 3]
-    ranks = RanksAmong(np.vstack([values, -values]), ~rated)
+    ranks = ranks_among(np.vstack([values, -values]), ~rated)
     # Ranks count the larger unrated values, so ties share one; a rated entry is ranked too.
-    assert ranks.of(np.arange(5)).tolist() == [[2, 0, 0, 3, 0], [1, 2, 2, 0, 4]]
-    assert ranks.of(np.array([3, 1])).tolist() == [[3, 0], [0, 2]]
+    assert ranks.tolist() == [[2, 0, 0, 3, 0], [1, 2, 2, 0, 4]]
+
+
+def test_ranks_count_the_larger_allowed_values():
+    rng = np.random.default_rng(8)
+    for _ in range(200):
+        n = int(rng.integers(1, 60))
+        values = rng.integers(0, 8, (3, n)).astype(np.float32)  # many ties
+        allowed = rng.random(n) < 0.7
+        expected = [[int((row[allowed] > value).sum()) for value in row] for row in values]
+        assert ranks_among(values, allowed).tolist() == expected
 
 
 def test_top_unrated_agrees_with_a_full_stable_sort():

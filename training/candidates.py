@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 
 from training.errors import ArtifactError
 
@@ -72,22 +73,55 @@ class Catalogue:
         found = self.movie_ids[position] == movie_ids
         return position, found
 
-    def history_rows(self, positions: np.ndarray) -> np.ndarray:
-        """``(len(ITEM_MODELS), len(positions), n_movies)`` float32: every item-item model's
-        rows of the history movies at catalogue ``positions``."""
-        return self.item_weights[:, positions]
+    def __post_init__(self) -> None:
+        # Stored by history movie, (n_movies, len(ITEM_MODELS) * n_movies): a user's sums read
+        # one contiguous row per history movie; ``item_weights`` is a view of the same memory.
+        k, n, _ = self.item_weights.shape
+        by_movie = np.ascontiguousarray(
+            np.asarray(self.item_weights, dtype=np.float32).transpose(1, 0, 2)
+        )
+        object.__setattr__(self, "item_weights", by_movie.transpose(1, 0, 2))
+        object.__setattr__(self, "_by_history_movie", by_movie.reshape(n, k * n))
 
-    @staticmethod
-    def history_scores(rows: np.ndarray) -> np.ndarray:
-        """``(len(ITEM_MODELS), n_movies)`` float64: :meth:`history_rows` summed over the
-        history (in float32). Row ``EASE`` is the candidate-stage score. Sums run down the
-        history in its order, so a movie's value does not depend on which others are scored."""
-        return rows.sum(axis=1).astype(np.float64)
+    def history_scores(self, positions: np.ndarray) -> np.ndarray:
+        """``(len(ITEM_MODELS), n_movies)`` float32: every item-item model's rows of the
+        history movies at catalogue ``positions`` (ascending, distinct), summed. Row ``EASE``
+        is the candidate-stage score.
+
+        The sum is a sparse indicator row times the weights, which adds one history movie's
+        row after another, in ``positions`` order and in float32, without first copying the
+        rows out; a movie's sum does not depend on which others are asked for.
+        """
+        h, n = len(positions), len(self)
+        indicator = sparse.csr_array(
+            (np.ones(h, np.float32), np.asarray(positions, np.int64), np.array([0, h])),
+            shape=(1, n),
+        )
+        return (indicator @ self._by_history_movie).reshape(len(ITEM_MODELS), n)
+
+    def weights_toward(self, models, history: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """``(len(models), len(positions), len(history))`` float32: each item-item model's
+        weight from each history movie toward each movie at ``positions``, a row per movie,
+        so that reductions over the history run along rows and give a movie the same value
+        whatever other movies share the matrix."""
+        models, positions = np.asarray(models), np.asarray(positions, np.int64)
+        n = len(self)
+        if 4 * len(positions) < n:
+            # Few movies: pick the entries straight out of the flat (movie, model, movie) array.
+            index = (history * (len(ITEM_MODELS) * n))[None, None, :] + (
+                (models * n)[:, None] + positions[None, :]
+            )[:, :, None]
+            return np.take(self._by_history_movie.reshape(-1), index)
+        # Many: copying the history's rows first reads memory in order.
+        weights = np.empty((len(models), len(positions), len(history)), np.float32)
+        for k, model in enumerate(models.tolist()):
+            weights[k] = self.item_weights[model][history][:, positions].T
+        return weights
 
     def ease_scores(self, positions: np.ndarray) -> np.ndarray:
         """Candidate-stage scores ``(n_movies,)`` float64 of a user whose history is the
         catalogue ``positions``: row ``EASE`` of :meth:`history_scores`."""
-        return self.item_weights[EASE, positions].sum(axis=0).astype(np.float64)
+        return self.history_scores(positions)[EASE].astype(np.float64)
 
     def save(self, path: Path) -> None:
         """Write the arrays as an uncompressed ``.npz`` (read back without pickle)."""
@@ -234,23 +268,27 @@ def fit_catalogue(
     return catalogue
 
 
-class RanksAmong:
-    """Ranks within the allowed entries, for every row of ``(k, n)`` ``values``: how many
-    allowed entries of the row are larger than an entry (0 for the best; ties share a rank).
-    Sorted once; :meth:`of` looks up only the positions asked for."""
+def ranks_among(values: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Ranks within the allowed entries, for every entry of every row of ``(k, n)``
+    ``values``: how many allowed entries of the row are larger (0 for the best; ties share a
+    rank; an entry that is not allowed is ranked too). ``(k, n)`` of the smallest unsigned
+    integer type that holds ``n``.
 
-    def __init__(self, values: np.ndarray, allowed: np.ndarray):
-        self.values = values
-        self.ordered = np.sort(values[:, allowed], axis=1)
-
-    def of(self, positions: np.ndarray) -> np.ndarray:
-        """``(k, len(positions))`` float64 ranks of the entries at ``positions``."""
-        count = self.ordered.shape[1]
-        ranks = [
-            count - np.searchsorted(row, values[positions], side="right")
-            for row, values in zip(self.ordered, self.values, strict=True)
-        ]
-        return np.asarray(ranks, dtype=np.float64).reshape(len(self.values), len(positions))
+    One sort per row: walking a row from its largest value down, an entry's rank is the count
+    of allowed entries passed before its group of equal values began.
+    """
+    k, n = values.shape
+    order = np.argsort(-values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    passed = np.cumsum(allowed[order], axis=1) - allowed[order]
+    group_start = np.zeros((k, n), dtype=np.int64)
+    if n > 1:
+        starts = ordered[:, 1:] != ordered[:, :-1]
+        group_start[:, 1:] = np.where(starts, np.arange(1, n), 0)
+    np.maximum.accumulate(group_start, axis=1, out=group_start)
+    ranks = np.empty((k, n), dtype=np.min_scalar_type(n))
+    np.put_along_axis(ranks, order, np.take_along_axis(passed, group_start, axis=1), axis=1)
+    return ranks
 
 
 def top_unrated(values: np.ndarray, rated: np.ndarray, n: int) -> np.ndarray:

@@ -40,8 +40,8 @@ from training.candidates import (
     SEQUENCE,
     CandidateConfig,
     Catalogue,
-    RanksAmong,
     fit_catalogue,
+    ranks_among,
     top_unrated,
 )
 from training.data import MovieLens
@@ -157,17 +157,14 @@ class CandidateFeatures:
     """(m, len(FEATURE_NAMES)) float64."""
 
 
-class CandidatePlan:
-    """One user's pass of the candidate stage over the whole catalogue.
+class CandidateStage:
+    """One user's pass of the candidate stage over the whole catalogue, from the history alone.
 
-    Built from the catalogue and the user's history alone, it fixes which movies are scored
-    (``chosen``), which form the user's reference candidate set (the candidate stage's best
-    ``n_candidates`` unrated movies, which standardized features are relative to), and so
-    which movie rows :meth:`features` needs (:attr:`needed_movie_ids`). The online path reads
-    exactly those rows from the store; the offline path looks them up in the movie table.
-    Without ``candidate_ids`` the candidate stage's best movies are scored (the best
-    ``n_scored`` if more than ``n_candidates``); requested candidates outside the catalogue are
-    left out.
+    It holds the item-item models' scores of every catalogue movie for this history, their
+    ranks among the user's unrated movies, and the user's reference candidate set (the
+    candidate stage's best ``n_candidates`` unrated movies, which standardized features are
+    relative to). Everything here is a function of the catalogue and the history; which
+    movies a request scores is not.
     """
 
     def __init__(
@@ -176,8 +173,6 @@ class CandidatePlan:
         history_movie_ids: np.ndarray,
         history_ratings: np.ndarray,
         n_candidates: int,
-        candidate_ids: np.ndarray | None = None,
-        n_scored: int | None = None,
     ):
         position, found = catalogue.positions(history_movie_ids)
         position, first = np.unique(position[found], return_index=True)
@@ -190,23 +185,180 @@ class CandidatePlan:
         self.rated = np.zeros(len(catalogue), dtype=bool)
         self.rated[position] = True
 
-        # (4, h, n_movies) rows of the history movies, and (4, n_movies) scores from them:
-        # EASE, co-occurrence (as a mean), RP3beta and sequence.
-        self.history_rows = catalogue.history_rows(position)
-        scores = catalogue.history_scores(self.history_rows)
-        scores[COOCCURRENCE] /= len(position)
-        self.scores = scores
-        self.ranks = RanksAmong(np.vstack([scores, catalogue.popularity[None, :]]), ~self.rated)
+        # Per movie, float32: the history's sums of EASE, co-occurrence, RP3beta and sequence
+        # weights. Ranks among the unrated movies come from these and popularity; dividing the
+        # co-occurrence sum by the history length (for its mean) keeps its order exactly.
+        self._sums = catalogue.history_scores(position)
+        values = np.vstack([self._sums, catalogue.popularity[None, :]])
+        self._ranks = ranks_among(values, ~self.rated)
+        """``(len(RANK_FEATURES), n_movies)`` every movie's rank among the unrated ones."""
+        self.reference = self.ranked(n_candidates)
+        self.context = np.unique(np.concatenate([self.reference, self.history]))
+        """Positions of the movies whose rows :class:`UserFeatures` needs, ascending."""
 
-        ranked = top_unrated(scores[EASE], self.rated, max(n_candidates, n_scored or 0))
-        self.reference = ranked[:n_candidates]
-        self.chosen_is_ranked = candidate_ids is None
+    def scores_at(self, positions) -> np.ndarray:
+        """``(len(ITEM_MODELS), len(positions))`` float64 scores of the movies at
+        ``positions`` (any index into the catalogue)."""
+        scores = self._sums[:, positions].astype(np.float64)
+        scores[COOCCURRENCE] /= len(self.history)
+        return scores
+
+    def ranks_at(self, positions: np.ndarray) -> np.ndarray:
+        """``(len(RANK_FEATURES), len(positions))`` float64 ranks of the movies at
+        ``positions`` among the user's unrated movies (0 for the best)."""
+        return self._ranks[:, positions].astype(np.float64)
+
+    def ranked(self, n: int) -> np.ndarray:
+        """Positions of the candidate stage's best ``n`` unrated movies, best first."""
+        return top_unrated(self.scores_at(slice(None))[EASE], self.rated, n)
+
+    @property
+    def context_movie_ids(self) -> np.ndarray:
+        """Ids of the movies whose rows :class:`UserFeatures` needs (rated and reference)."""
+        return self.catalogue.movie_ids[self.context]
+
+
+class UserFeatures:
+    """The user's side of the ranking matrix, built once and good for any movies scored.
+
+    From a :class:`CandidateStage`, the user's row of the ``user`` table (fields of shape
+    ``(1,)`` or ``(1, width)``, as :meth:`EntityTable.lookup` returns them) and the ``movie``
+    table rows of :attr:`CandidateStage.context_movie_ids` (in that order) it derives what no
+    candidate changes: the user's genre shares and activity, and the centre and spread of every
+    standardized feature over the reference set. :meth:`matrix` then needs only the rows of the
+    movies scored. A movie's matrix row does not depend on which other movies are scored.
+    """
+
+    def __init__(
+        self,
+        stage: CandidateStage,
+        user_row: Mapping[str, np.ndarray],
+        context_rows: Mapping[str, np.ndarray],
+        constants: ScoringConstants,
+    ):
+        self.stage = stage
+        self.user_row = user_row
+        self.constants = constants
+        catalogue = stage.catalogue
+        user = {name: np.asarray(values) for name, values in user_row.items()}
+        self._scalars = {
+            name: float(user[name].reshape(-1)[0])
+            for name in ("user_rating_mean", "user_age", "user_gender", "user_bias")
+        }
+        self._embedding = user["user_embedding"].reshape(1, -1).astype(np.float32)
+        self.activity = len(stage.history) / catalogue.mean_user_activity
+
+        history_rows = _rows_at(context_rows, np.searchsorted(stage.context, stage.history))
+        genres = np.asarray(history_rows["movie_genres"], np.float64).sum(axis=0)
+        self.genre_share = genres / max(genres.sum(), 1.0)
+
+        reference = stage.reference
+        columns = self._columns(
+            reference, _rows_at(context_rows, np.searchsorted(stage.context, reference))
+        )
+        basis = np.column_stack([columns[name] for name in Z_FEATURES])
+        self.centre = np.zeros(len(Z_FEATURES))
+        self.spread = np.ones(len(Z_FEATURES))
+        if len(basis):
+            self.centre, self.spread = basis.mean(axis=0), basis.std(axis=0)
+            self.spread[self.spread == 0] = 1.0
+        self.best = columns["ease_score"][0] if len(reference) else 0.0
+
+    def matrix(self, positions: np.ndarray, movie_rows: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``(len(positions), len(FEATURE_NAMES))`` float64 ranking matrix of the movies at
+        catalogue ``positions``, whose ``movie`` table rows ``movie_rows`` holds in order."""
+        columns = self._columns(positions, movie_rows)
+        m = len(positions)
+        standardized = np.column_stack([columns[name] for name in Z_FEATURES])
+        if len(self.stage.reference):
+            standardized = (standardized - self.centre) / self.spread
+        columns["ease_gap"] = columns["ease_score"] - self.best
+        raw = np.column_stack([columns[name] for name in RAW_FEATURES])
+        return np.hstack([standardized, raw]).reshape(m, len(FEATURE_NAMES))
+
+    def _columns(self, positions: np.ndarray, rows: Mapping[str, np.ndarray]) -> dict:
+        """Every un-standardized column for the movies at catalogue ``positions``."""
+        stage, catalogue = self.stage, self.stage.catalogue
+        m = len(positions)
+        # (m, h): every history movie's weights toward each movie, history in id order.
+        # Element-wise products and sums along each row, not BLAS, whose order of additions
+        # may depend on where a row sits in memory: a movie must score the same alone as
+        # among others.
+        ease32, cooc32 = catalogue.weights_toward((EASE, COOCCURRENCE), stage.history, positions)
+        ease = ease32.astype(np.float64)
+        ease_top = _top_columns(ease32, 5)
+        cooc_top = _top_columns(cooc32, 3)
+        genres = np.asarray(rows["movie_genres"], np.float64)
+        scores = stage.scores_at(positions)
+
+        columns = {
+            "ease_score": scores[EASE],
+            "ease_positive": np.clip(ease, 0.0, None).sum(axis=1),
+            "ease_negative": np.clip(ease, None, 0.0).sum(axis=1),
+            "ease_max": ease_top[:, 0],
+            "ease_second": ease_top[:, 1],
+            "ease_top5": ease_top.sum(axis=1),
+            "ease_support": _share_above(ease32, EASE_SUPPORT_WEIGHT),
+            "ease_like": (ease * stage.centred_ratings[None, :]).sum(axis=1),
+            "cooc_mean": scores[COOCCURRENCE],
+            "cooc_max": cooc_top[:, 0],
+            "cooc_top3": cooc_top.mean(axis=1),
+            "cooc_strong": _share_above(cooc32, STRONG_COSINE),
+            "popularity": catalogue.popularity[positions].astype(np.float64),
+            "rp3_score": scores[RP3],
+            "sequence_score": scores[SEQUENCE],
+            "movie_bias": np.asarray(rows["movie_bias"], np.float64),
+            "movie_rating_mean": np.asarray(rows["movie_rating_mean"], np.float64),
+            "genre_share": (genres * self.genre_share[None, :]).sum(axis=1),
+            "movie_release_year": np.asarray(rows["movie_release_year"], np.float64),
+            **dict(zip(RANK_FEATURES, stage.ranks_at(positions), strict=True)),
+            "user_activity": np.full(m, self.activity),
+            **{
+                name: np.full(m, self._scalars[name])
+                for name in ("user_rating_mean", "user_age", "user_gender")
+            },
+        }
+        columns.update(self._mf_columns(rows))
+        return columns
+
+    def _mf_columns(self, rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Stage 1's predicted rating and embedding dot product, as ``build_matrix`` derives
+        them (float32, fixed summation order)."""
+        movie_embedding = np.asarray(rows["movie_embedding"], np.float32)
+        dot = row_dot(np.broadcast_to(self._embedding, movie_embedding.shape), movie_embedding)
+        logit = (
+            np.float32(self.constants.global_bias)
+            + np.float32(self._scalars["user_bias"])
+            + np.asarray(rows["movie_bias"], np.float32)
+            + dot
+        )
+        prediction = squash(logit, self.constants.rating_min, self.constants.rating_max)
+        return {"mf_prediction": prediction.astype(np.float64), "mf_dot": dot.astype(np.float64)}
+
+
+class CandidatePlan:
+    """Which movies one request scores, and which movie rows its matrix needs.
+
+    Without ``candidate_ids`` the candidate stage's best movies are scored (the best
+    ``n_scored`` if more than ``n_candidates``); requested candidates outside the catalogue are
+    left out. The online path reads exactly :attr:`needed_movie_ids` from the store; the
+    offline path looks them up in the movie table.
+    """
+
+    def __init__(
+        self,
+        stage: CandidateStage,
+        candidate_ids: np.ndarray | None = None,
+        n_scored: int | None = None,
+    ):
+        self.stage = stage
+        self.catalogue = stage.catalogue
         if candidate_ids is None:
-            self.chosen = ranked
+            self.chosen = stage.ranked(max(len(stage.reference), n_scored or 0))
         else:
-            chosen, known = catalogue.positions(candidate_ids)
+            chosen, known = self.catalogue.positions(candidate_ids)
             self.chosen = chosen[known]
-        self.needed = np.unique(np.concatenate([self.chosen, self.reference, self.history]))
+        self.needed = np.unique(np.concatenate([self.chosen, stage.context]))
 
     @property
     def needed_movie_ids(self) -> np.ndarray:
@@ -219,127 +371,39 @@ class CandidatePlan:
         movie_rows: Mapping[str, np.ndarray],
         constants: ScoringConstants,
     ) -> CandidateFeatures:
-        """The ranking matrix of the chosen movies.
-
-        ``user_row`` is the user's row of the ``user`` table (fields of shape ``(1,)`` or
-        ``(1, width)``, as :meth:`EntityTable.lookup` returns them); ``movie_rows`` holds the
-        ``movie`` table rows of :attr:`needed_movie_ids`, in that order.
-        """
-        rows = _RowView(self, user_row, movie_rows, constants)
-        m = len(self.chosen)
-        # Without requested candidates the reference set is the first rows of the chosen.
-        positions = (
-            self.chosen if self.chosen_is_ranked else np.concatenate([self.chosen, self.reference])
-        )
-        offset = 0 if self.chosen_is_ranked else m
-        columns = rows.columns(positions)
-
-        standardized = np.column_stack([columns[name] for name in Z_FEATURES])
-        basis = standardized[offset : offset + len(self.reference)]
-        if len(basis):
-            centre, spread = basis.mean(axis=0), basis.std(axis=0)
-            spread[spread == 0] = 1.0
-            standardized = (standardized[:m] - centre) / spread
-        best = self.scores[EASE, self.reference[0]] if len(self.reference) else 0.0
-        columns["ease_gap"] = columns["ease_score"] - best
-        raw = np.column_stack([columns[name][:m] for name in RAW_FEATURES])
-
-        matrix = np.hstack([standardized[:m], raw]).reshape(m, len(FEATURE_NAMES))
+        """The ranking matrix of the chosen movies; ``movie_rows`` holds the ``movie`` table
+        rows of :attr:`needed_movie_ids`, in that order."""
+        context_rows = _rows_at(movie_rows, np.searchsorted(self.needed, self.stage.context))
+        user = UserFeatures(self.stage, user_row, context_rows, constants)
+        chosen_rows = _rows_at(movie_rows, np.searchsorted(self.needed, self.chosen))
+        matrix = user.matrix(self.chosen, chosen_rows)
         return CandidateFeatures(self.catalogue.movie_ids[self.chosen], matrix)
 
 
-class _RowView:
-    """A :class:`CandidatePlan` joined with the user's row and the needed movie rows: the
-    un-standardized columns of any chosen catalogue positions."""
-
-    def __init__(self, plan: CandidatePlan, user_row, movie_rows, constants: ScoringConstants):
-        self.plan = plan
-        self.user = {name: np.asarray(values) for name, values in user_row.items()}
-        self.movies = movie_rows
-        self.constants = constants
-        catalogue = plan.catalogue
-        self.activity = len(plan.history) / catalogue.mean_user_activity
-        genres = self._movie_column("movie_genres", plan.history).sum(axis=0)
-        self.genre_share = genres / max(genres.sum(), 1.0)
-
-    def _movie_column(self, name: str, positions: np.ndarray, dtype=np.float64) -> np.ndarray:
-        rows = np.searchsorted(self.plan.needed, positions)
-        return np.asarray(self.movies[name], dtype)[rows]
-
-    def _user_scalar(self, name: str) -> float:
-        return float(self.user[name].reshape(-1)[0])
-
-    def columns(self, chosen: np.ndarray) -> dict[str, np.ndarray]:
-        """Every un-standardized column for the catalogue positions ``chosen``."""
-        plan, catalogue = self.plan, self.plan.catalogue
-        m = len(chosen)
-        # (h, m): every history movie's weights toward each candidate, history in id order.
-        # Element-wise products and sums down the history, not BLAS, whose order of additions
-        # may depend on where a row sits in memory: a movie must score the same alone as
-        # among others.
-        ease = plan.history_rows[EASE][:, chosen].astype(np.float64)
-        cooc = plan.history_rows[COOCCURRENCE][:, chosen].astype(np.float64)
-        ease_top = _top_rows(ease, 5)
-        cooc_top = _top_rows(cooc, 3)
-        genres = self._movie_column("movie_genres", chosen)
-        scores = plan.scores[:, chosen]
-
-        columns = {
-            "ease_score": scores[EASE],
-            "ease_positive": np.clip(ease, 0.0, None).sum(axis=0),
-            "ease_negative": np.clip(ease, None, 0.0).sum(axis=0),
-            "ease_max": ease_top[0],
-            "ease_second": ease_top[1],
-            "ease_top5": ease_top.sum(axis=0),
-            "ease_support": (ease > EASE_SUPPORT_WEIGHT).mean(axis=0),
-            "ease_like": (ease * plan.centred_ratings[:, None]).sum(axis=0),
-            "cooc_mean": scores[COOCCURRENCE],
-            "cooc_max": cooc_top[0],
-            "cooc_top3": cooc_top.mean(axis=0),
-            "cooc_strong": (cooc > STRONG_COSINE).mean(axis=0),
-            "popularity": catalogue.popularity[chosen].astype(np.float64),
-            "rp3_score": scores[RP3],
-            "sequence_score": scores[SEQUENCE],
-            "movie_bias": self._movie_column("movie_bias", chosen),
-            "movie_rating_mean": self._movie_column("movie_rating_mean", chosen),
-            "genre_share": (genres * self.genre_share[None, :]).sum(axis=1),
-            "movie_release_year": self._movie_column("movie_release_year", chosen),
-            **dict(zip(RANK_FEATURES, plan.ranks.of(chosen), strict=True)),
-            "user_activity": np.full(m, self.activity),
-            **{
-                name: np.full(m, self._user_scalar(name))
-                for name in ("user_rating_mean", "user_age", "user_gender")
-            },
-        }
-        columns.update(self._mf_columns(chosen))
-        return columns
-
-    def _mf_columns(self, chosen: np.ndarray) -> dict[str, np.ndarray]:
-        """Stage 1's predicted rating and embedding dot product, as ``build_matrix`` derives
-        them (float32, fixed summation order)."""
-        movie_embedding = self._movie_column("movie_embedding", chosen, np.float32)
-        user_embedding = self.user["user_embedding"].reshape(1, -1).astype(np.float32)
-        dot = row_dot(np.broadcast_to(user_embedding, movie_embedding.shape), movie_embedding)
-        logit = (
-            np.float32(self.constants.global_bias)
-            + np.float32(self._user_scalar("user_bias"))
-            + self._movie_column("movie_bias", chosen, np.float32)
-            + dot
-        )
-        prediction = squash(logit, self.constants.rating_min, self.constants.rating_max)
-        return {"mf_prediction": prediction.astype(np.float64), "mf_dot": dot.astype(np.float64)}
+def _rows_at(rows: Mapping[str, np.ndarray], at: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.asarray(values)[at] for name, values in rows.items()}
 
 
-def _top_rows(values: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` largest entries of each column of ``(h, m)`` ``values``, largest first, as
-    ``(n, m)``; zero rows where the history is shorter than ``n``."""
-    h, m = values.shape
+def _top_columns(values: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` largest entries of each row of ``(m, h)`` float32 ``values``, largest first,
+    as ``(m, n)`` float64; zeros where the history is shorter than ``n``."""
+    m, h = values.shape
     if h > n:
-        values = -np.partition(-values, n - 1, axis=0)[:n]
-    top = -np.sort(-values, axis=0)
-    if len(top) < n:
-        top = np.vstack([top, np.zeros((n - len(top), m))])
+        values = np.partition(values, h - n, axis=1)[:, h - n :]
+    top = np.sort(values, axis=1)[:, ::-1].astype(np.float64)
+    if top.shape[1] < n:
+        top = np.hstack([top, np.zeros((m, n - top.shape[1]))])
     return top
+
+
+def _share_above(values: np.ndarray, threshold: float) -> np.ndarray:
+    """Per row of ``(m, h)`` float32 ``values``, the share of entries above ``threshold``,
+    compared exactly as their float64 values would be: a float32 lies above ``threshold``
+    exactly when it lies above the largest float32 not above it."""
+    below = np.float32(threshold)
+    if float(below) > threshold:
+        below = np.nextafter(below, np.float32(-np.inf))
+    return np.count_nonzero(values > below, axis=1) / values.shape[1]
 
 
 @dataclass
@@ -352,26 +416,26 @@ class RankingModel:
     n_candidates: int
     objective: str = "rank_xendcg"
 
-    def plan(
-        self,
-        user_row: Mapping[str, np.ndarray],
-        candidate_ids: np.ndarray | None = None,
-        n_scored: int | None = None,
-    ) -> CandidatePlan | None:
+    def stage(self, user_row: Mapping[str, np.ndarray]) -> CandidateStage | None:
         """The candidate stage's pass for the user of ``user_row`` (a row of the ``user``
         table, history included); None when the user has no interaction in the catalogue,
         which is the cold start: rank by :meth:`popularity` instead."""
         history = user_row[HISTORY_MOVIES][0]
         if not catalogue_holds_any(self.catalogue, history):
             return None
-        return CandidatePlan(
-            self.catalogue,
-            history,
-            user_row[HISTORY_RATINGS][0],
-            self.n_candidates,
-            candidate_ids=candidate_ids,
-            n_scored=n_scored,
+        return CandidateStage(
+            self.catalogue, history, user_row[HISTORY_RATINGS][0], self.n_candidates
         )
+
+    def plan(
+        self,
+        user_row: Mapping[str, np.ndarray],
+        candidate_ids: np.ndarray | None = None,
+        n_scored: int | None = None,
+    ) -> CandidatePlan | None:
+        """:meth:`stage` and the movies one request scores; None for the cold start."""
+        stage = self.stage(user_row)
+        return None if stage is None else CandidatePlan(stage, candidate_ids, n_scored)
 
     def score(self, matrix: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
         """Ranking scores ``(n,)`` float64 for rows of :meth:`CandidatePlan.features`: the
