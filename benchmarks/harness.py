@@ -219,9 +219,11 @@ class ServeProcess:
         wait_until(logged, timeout_s, f"{text!r} {times} time(s)")
 
     def usage(self) -> tuple[int, int]:
-        """Resident memory in bytes and the number of threads of the server process."""
+        """Resident memory in bytes and the number of threads of the server: its process and,
+        with ``--workers`` above 1, its worker processes, summed."""
         process = psutil.Process(self.process.pid)
-        return process.memory_info().rss, process.num_threads()
+        tree = [process, *process.children(recursive=True)]
+        return sum(p.memory_info().rss for p in tree), sum(p.num_threads() for p in tree)
 
     def alive(self) -> bool:
         return self.process.poll() is None
