@@ -99,12 +99,11 @@ class Ranking:
 
 @dataclass(frozen=True)
 class UserContext:
-    """What a Rank call derives from the user's stored row alone: the decoded row, whether the
-    store had one, and (unless the user is a cold start) the ranking model's candidate stage
-    and user features, which take most of a call's work."""
+    """What a Rank call derives from the user's stored row alone: the decoded row (defaults when
+    the store has none) and, unless the user is a cold start, the ranking model's candidate
+    stage and user features, which take most of a call's work."""
 
     user_row: dict[str, np.ndarray]
-    user_found: bool
     features: UserFeatures | None
 
 
@@ -261,9 +260,13 @@ class RankingCore:
         if top_k:
             order = order[:top_k]
         ranking = Ranking(
-            movie_ids[order], scores[order], features is None, not_found, len(movie_ids)
+            movie_ids[order],
+            scores[order],
+            features is None,
+            not_found,
+            len(movie_ids),
+            context_cached=cached,
         )
-        ranking.context_cached = cached
         if predicted_ratings and len(order):
             ranking.predicted_ratings = self._predicted_ratings(
                 deadline, context.user_row, ranking.movie_ids
@@ -300,7 +303,7 @@ class RankingCore:
                 )
             with self._computing:
                 features = UserFeatures(stage, user_row, rows, self.constants)
-        context = UserContext(user_row, user_found, features)
+        context = UserContext(user_row, features)
         self.contexts.put(key, context)
         return context, False
 
@@ -309,10 +312,9 @@ class RankingCore:
         ``requested`` catalogue positions had rows: the requested movies, or without a request
         the candidate stage's best."""
         stage = features.stage
+        chosen = requested
         if requested is None:
             chosen = stage.ranked(max(len(stage.reference), top_k))
-        else:
-            chosen = requested
         movie_ids = stage.catalogue.movie_ids[chosen]
         rows, found = self._read(deadline, self.reader.read_movies, movie_ids)
         if not found.all():

@@ -275,7 +275,7 @@ def test_the_user_cache_serves_only_what_the_stored_row_gives_now(
 
 def test_the_user_cache_keeps_the_most_recently_used_users() -> None:
     cache = UserContextCache(2)
-    first, second, third = (UserContext({}, True, None) for _ in range(3))
+    first, second, third = (UserContext({}, None) for _ in range(3))
     cache.put((1, b"a"), first)
     cache.put((2, b"b"), second)
     assert cache.get((1, b"a")) is first  # now the most recent

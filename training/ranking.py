@@ -210,7 +210,7 @@ class CandidateStage:
 
     def ranked(self, n: int) -> np.ndarray:
         """Positions of the candidate stage's best ``n`` unrated movies, best first."""
-        return top_unrated(self.scores_at(slice(None))[EASE], self.rated, n)
+        return top_unrated(self._sums[EASE].astype(np.float64), self.rated, n)
 
     @property
     def context_movie_ids(self) -> np.ndarray:
@@ -237,7 +237,6 @@ class UserFeatures:
         constants: ScoringConstants,
     ):
         self.stage = stage
-        self.user_row = user_row
         self.constants = constants
         catalogue = stage.catalogue
         user = {name: np.asarray(values) for name, values in user_row.items()}
@@ -269,9 +268,9 @@ class UserFeatures:
         catalogue ``positions``, whose ``movie`` table rows ``movie_rows`` holds in order."""
         columns = self._columns(positions, movie_rows)
         m = len(positions)
+        # Without a reference set the centre is 0 and the spread 1, which change no value.
         standardized = np.column_stack([columns[name] for name in Z_FEATURES])
-        if len(self.stage.reference):
-            standardized = (standardized - self.centre) / self.spread
+        standardized = (standardized - self.centre) / self.spread
         columns["ease_gap"] = columns["ease_score"] - self.best
         raw = np.column_stack([columns[name] for name in RAW_FEATURES])
         return np.hstack([standardized, raw]).reshape(m, len(FEATURE_NAMES))
