@@ -101,6 +101,7 @@ class Bed:
             threads=threads,
             deadline_s=deadline_s,
             check=self.check,
+            server_pid=self.serve.process.pid,
         )
 
     def check(self, request, response) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 import psutil
 import redis
 
+from ranker.bench import ConnectionSpread
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -255,7 +256,9 @@ class Load:
     ``make_request(rng)`` builds each request; ``check(request, response)`` returns a problem
     with an answer (or "") and is run on every OK answer. With ``interval_s`` each thread sends
     one call per interval (a fixed rate; a late call is sent at once, and its time is measured
-    from sending, not from its slot), else as fast as answers come.
+    from sending, not from its slot), else as fast as answers come; it may change while the
+    load runs. Each thread has its own connection; with ``server_pid`` (a local ``reelrank
+    serve``) the connections are spread evenly over its workers (``ConnectionSpread``).
     """
 
     target: str
@@ -265,6 +268,7 @@ class Load:
     check: Callable[[ranker_pb2.RankRequest, ranker_pb2.RankResponse], str] | None = None
     credentials: grpc.ChannelCredentials | None = None
     interval_s: float = 0.0
+    server_pid: int | None = None
     outcomes: list[Outcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -274,8 +278,9 @@ class Load:
         self._workers: list[threading.Thread] = []
 
     def start(self) -> Load:
+        channels = self._channels()
         for index in range(self.threads):
-            worker = threading.Thread(target=self._run, args=(index,), daemon=True)
+            worker = threading.Thread(target=self._run, args=(index, channels[index]), daemon=True)
             worker.start()
             self._workers.append(worker)
         return self
@@ -289,21 +294,44 @@ class Load:
         if hung:
             raise RuntimeError(f"{len(hung)} client threads still in a call after {timeout_s} s")
 
-    def _run(self, index: int) -> None:
-        rng = random.Random(index)
+    def _channel(self) -> grpc.Channel:
+        # A local subchannel pool: a connection of this channel's own, not one shared by all.
+        options = [("grpc.use_local_subchannel_pool", 1)]
         if self.credentials is None:
-            channel = grpc.insecure_channel(self.target)
-        else:
-            channel = grpc.secure_channel(self.target, self.credentials)
+            return grpc.insecure_channel(self.target, options=options)
+        return grpc.secure_channel(self.target, self.credentials, options=options)
+
+    def _channels(self) -> list[grpc.Channel]:
+        if self.server_pid is None:
+            return [self._channel() for _ in range(self.threads)]
+        spread = ConnectionSpread(self.server_pid, int(self.target.rsplit(":", 1)[1]), self.threads)
+        channels = []
+        while len(channels) < self.threads:
+            before = spread.owners()
+            channel = self._channel()
+            grpc.channel_ready_future(channel).result(timeout=60)
+            if spread.keep(before):
+                channels.append(channel)
+            else:
+                channel.close()
+        return channels
+
+    def _run(self, index: int, channel: grpc.Channel) -> None:
+        rng = random.Random(index)
         stub = ranker_pb2_grpc.RankerStub(channel)
-        # Threads start their schedules spread over one interval, not all at once.
-        next_at = time.monotonic() + self.interval_s * index / max(self.threads, 1)
+        next_at = None
         try:
             while not self._stop.is_set():
-                if self.interval_s:
+                interval_s = self.interval_s
+                if not interval_s:
+                    next_at = None
+                elif next_at is None:
+                    # Threads start their schedules spread over one interval, not all at once.
+                    next_at = time.monotonic() + interval_s * index / max(self.threads, 1)
+                if next_at is not None:
                     if self._stop.wait(max(0.0, next_at - time.monotonic())):
                         break
-                    next_at += self.interval_s
+                    next_at += interval_s
                 self._call(stub, self.make_request(rng))
         finally:
             channel.close()

@@ -3,11 +3,14 @@
 The service is driven over gRPC on loopback, either one already running (``target``) or one
 this module starts itself: a private memory-only ``redis-server`` (unless a Redis URL is given),
 a copy of the Feast repository in a temporary folder, ``reelrank materialize`` into the project
-named in the config, then ``reelrank serve`` as a child process. For each candidate count it
-measures, per run:
+named in the config, then ``reelrank serve`` as a child process. First every workload user
+is ranked once on every worker (``first_calls``: the cost of a user whose context no worker has
+cached yet). Then for each candidate count it measures, per run:
 
 * sequential calls on one channel: latency percentiles and calls per second;
-* calls from ``concurrency`` asyncio clients, each on its own connection: the same figures;
+* calls from ``concurrency`` asyncio clients, each on its own connection, the connections
+  spread evenly over the workers of a service started here (:class:`ConnectionSpread`): the
+  same figures;
 * the naive path on the same requests, in this process: Feast's
   ``FeatureStore.get_online_features`` for the ``ranker`` feature service (the user and the
   candidates, then the other movies the candidate stage needs), the ranking matrix built by
@@ -191,18 +194,74 @@ class _RawRank:
         self.Rank = call  # noqa: N815 -- the stub's method name
 
 
-def run_concurrent(target: str, messages, config: BenchConfig) -> PhaseResult:
-    """``concurrency`` clients, each on its own connection, sharing the list of calls."""
-    return asyncio.run(_concurrent(target, messages, config))
+def serving_processes(pid: int, port: int | None = None) -> list[psutil.Process]:
+    """The processes of the ``reelrank serve`` process ``pid`` that answer calls: those
+    listening on ``port``, or without a port its worker processes (or itself without any)."""
+    parent = psutil.Process(pid)
+    family = [parent, *parent.children(recursive=True)]
+    if port is not None:
+        return [
+            process
+            for process in family
+            if any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                for c in process.net_connections(kind="tcp")
+            )
+        ]
+    workers = [p for p in parent.children() if "resource_tracker" not in " ".join(p.cmdline())]
+    return workers or [parent]
 
 
-async def _concurrent(target: str, messages, config: BenchConfig) -> PhaseResult:
-    # A local subchannel pool gives each channel its own TCP connection, so a service with
-    # several workers on one port (SO_REUSEPORT) gets connections spread over them.
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [
-        grpc.aio.insecure_channel(target, options=options) for _ in range(config.concurrency)
-    ]
+class ConnectionSpread:
+    """Opens client connections until every worker of a local service holds an equal share.
+
+    Worker processes share the port with SO_REUSEPORT and the kernel picks one per connection
+    by a hash of its addresses, so a few connections often land unevenly: 4 connections on 2
+    workers all reach one of them one time in 8, and the benchmark then measures that luck,
+    not the service. Here each new connection is traced to the worker holding its server side
+    (from the workers' sockets, hence only for a service on this machine whose process is
+    known); one that would give a worker more than its share is closed and opened again.
+    """
+
+    def __init__(self, pid: int, port: int, count: int, max_attempts: int = 50):
+        self.workers = serving_processes(pid, port)
+        if not self.workers:
+            raise BenchError(f"no process of server {pid} listens on port {port}")
+        self.port = port
+        self.share = -(-count // len(self.workers))
+        self.held = [0] * len(self.workers)
+        self.attempts_left = max_attempts * count
+
+    def owners(self) -> dict[int, int]:
+        """Client port -> index of the worker holding that connection."""
+        owners = {}
+        for index, worker in enumerate(self.workers):
+            for connection in worker.net_connections(kind="tcp"):
+                if connection.laddr.port == self.port and connection.raddr:
+                    owners[connection.raddr.port] = index
+        return owners
+
+    def keep(self, before: dict[int, int]) -> bool:
+        """Whether the one connection opened since ``before = owners()`` may stay: true if it
+        lands under its worker's share, or when the attempts are used up."""
+        self.attempts_left -= 1
+        new = [index for port, index in self.owners().items() if port not in before]
+        if len(new) == 1 and self.held[new[0]] < self.share:
+            self.held[new[0]] += 1
+            return True
+        return self.attempts_left <= 0
+
+
+def run_concurrent(
+    target: str, messages, config: BenchConfig, server_pid: int | None = None
+) -> PhaseResult:
+    """``concurrency`` clients, each on its own connection, sharing the list of calls; the
+    connections are spread evenly over the workers of ``server_pid`` (when given)."""
+    return asyncio.run(_concurrent(target, messages, config, server_pid))
+
+
+async def _concurrent(target: str, messages, config: BenchConfig, server_pid) -> PhaseResult:
+    channels = await _aio_channels(target, config.concurrency, server_pid)
     # The load generator shares the cores with the service, so it sends the requests already
     # serialized and does not decode the answers (their status still raises on failure): its
     # own CPU per call is what it would spend on one machine, not on the service's work.
@@ -230,6 +289,59 @@ async def _concurrent(target: str, messages, config: BenchConfig) -> PhaseResult
                 latencies.append(time.perf_counter() - call_started)
 
         await asyncio.gather(*(client(stub) for stub in stubs))
+        return PhaseResult.of(latencies, time.perf_counter() - started)
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def _aio_channels(target: str, count: int, server_pid: int | None) -> list:
+    """``count`` connected channels, each on its own TCP connection (a local subchannel pool),
+    spread evenly over the workers of ``server_pid`` when it is known."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    if server_pid is None:
+        return [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
+    spread = ConnectionSpread(server_pid, int(target.rsplit(":", 1)[1]), count)
+    channels = []
+    while len(channels) < count:
+        before = spread.owners()
+        channel = grpc.aio.insecure_channel(target, options=options)
+        await asyncio.wait_for(channel.channel_ready(), SERVICE_START_TIMEOUT_S)
+        if spread.keep(before):
+            channels.append(channel)
+        else:
+            await channel.close()
+    return channels
+
+
+def run_first_calls(
+    target: str, user_ids: list[int], config: BenchConfig, server_pid: int | None
+) -> PhaseResult:
+    """Every user's first call on every worker, one at a time per worker: what a call costs
+    before the worker has the user's context cached (see ``ranker.service.UserContextCache``).
+    Afterwards every phase measures workers that hold the context of every workload user."""
+    return asyncio.run(_first_calls(target, user_ids, config, server_pid))
+
+
+async def _first_calls(target: str, user_ids: list[int], config: BenchConfig, server_pid):
+    # One connection per worker; without a known server process, enough of them that every
+    # worker very likely gets one.
+    port = int(target.rsplit(":", 1)[1])
+    count = 4 * config.workers if server_pid is None else len(serving_processes(server_pid, port))
+    channels = await _aio_channels(target, count, server_pid)
+    stubs = [ranker_pb2_grpc.RankerStub(channel) for channel in channels]
+    latencies: list[float] = []
+
+    async def worker(stub) -> None:
+        for user_id in user_ids:
+            request = ranker_pb2.RankRequest(user_id=user_id, candidate_ids=[1], top_k=1)
+            call_started = time.perf_counter()
+            await stub.Rank(request, timeout=config.deadline_s)
+            latencies.append(time.perf_counter() - call_started)
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(stub) for stub in stubs))
         return PhaseResult.of(latencies, time.perf_counter() - started)
     finally:
         for channel in channels:
@@ -422,6 +534,10 @@ def started_service(
         redis_url,
         "--project",
         config.project,
+        # No contexts built before SERVING: the first calls then measure what a user's first
+        # call costs; every later phase finds them built.
+        "--warm-users",
+        "0",
         *config.serve_options,
     ]
     process = subprocess.Popen(command)
@@ -448,16 +564,11 @@ def worker_peak_rss_mb(process: subprocess.Popen | None) -> list[float]:
     if process is None:
         return []
     try:
-        parent = psutil.Process(process.pid)
-        children = [
-            child
-            for child in parent.children()
-            if "resource_tracker" not in " ".join(child.cmdline())
-        ]
+        serving = serving_processes(process.pid)
     except psutil.Error:
         return []
     peaks = []
-    for proc in children or [parent]:
+    for proc in serving:
         with contextlib.suppress(OSError, ValueError):
             status = Path(f"/proc/{proc.pid}/status").read_text()
             line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
@@ -522,7 +633,8 @@ def run(config: BenchConfig, progress: Callable[[str], None] = _log.info) -> dic
         progress(f"service at {target}; loading the naive path (Feast SDK)")
         naive = NaiveRanker(loaded, repo, redis_url, config.project)
         try:
-            results = _run_all(config, target, naive, workloads, progress)
+            server_pid = None if process is None else process.pid
+            results, first_calls = _run_all(config, target, naive, workloads, progress, server_pid)
         except grpc.RpcError as error:
             raise BenchError(
                 f"the service at {target} answered {error.code().name}: {error.details()}"
@@ -538,20 +650,28 @@ def run(config: BenchConfig, progress: Callable[[str], None] = _log.info) -> dic
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "started_service": config.target is None,
         "worker_peak_rss_mb": peaks,
+        "connections_spread_over_workers": process is not None,
+        "first_calls": asdict(first_calls),
         "results": {str(r.candidates): summarize(r) for r in results},
         "runs": {str(r.candidates): asdict(r) for r in results},
     }
 
 
-def _run_all(config, target, naive, workloads, progress) -> list[CountResult]:
+def _run_all(config, target, naive, workloads, progress, server_pid):
     results = {count: CountResult(count) for count in config.candidate_counts}
+    users = sorted({u for workload in workloads.values() for u in workload.user_ids})
+    first_calls = run_first_calls(target, users, config, server_pid)
+    progress(
+        f"first calls of {len(users)} users on every worker: p50 {first_calls.p50_ms:.2f} ms "
+        f"p99 {first_calls.p99_ms:.2f} ms"
+    )
     with grpc.insecure_channel(target) as channel:
         stub = ranker_pb2_grpc.RankerStub(channel)
         for run_index in range(config.runs):
             for count, workload in workloads.items():
                 result = results[count]
                 sequential, responses = run_sequential(stub, workload.messages, config)
-                concurrent = run_concurrent(target, workload.messages, config)
+                concurrent = run_concurrent(target, workload.messages, config, server_pid)
                 naive_phase, answers = run_naive(naive, workload, config.naive_requests, config)
                 result.sequential.append(sequential)
                 result.concurrent.append(concurrent)
@@ -563,7 +683,7 @@ def _run_all(config, target, naive, workloads, progress) -> list[CountResult]:
                     f"{config.concurrency} in flight {concurrent.calls_per_s:.0f} calls/s; "
                     f"naive p50 {naive_phase.p50_ms:.2f} ms"
                 )
-    return list(results.values())
+    return list(results.values()), first_calls
 
 
 def summarize(result: CountResult) -> dict:

@@ -356,11 +356,20 @@ def serve(
     user_cache_users: Annotated[
         int,
         typer.Option(
-            help="Users whose candidate stage and ranking features are kept between calls, "
-            "keyed by their row's exact stored bytes (re-read on every call); 0 keeps none.",
+            help="Users whose candidate stage, ranking features and catalogue scores are kept "
+            "between calls, keyed by their row's exact stored bytes (re-read on every call); "
+            "0 keeps none.",
             min=0,
         ),
     ] = 1024,
+    warm_users: Annotated[
+        int | None,
+        typer.Option(
+            help="Most active users whose contexts are built before health turns SERVING "
+            "(and before a reload swaps in). Default: as many as --user-cache-users; 0: none.",
+            min=0,
+        ),
+    ] = None,
     compiled_trees: Annotated[
         bool,
         typer.Option(
@@ -407,6 +416,7 @@ def serve(
             max_candidates=max_candidates,
             compiled_trees=compiled_trees,
             user_cache_users=user_cache_users,
+            warm_users=warm_users,
         ),
         tls=tls,
         release_file=release,

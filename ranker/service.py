@@ -32,7 +32,7 @@ from ranker.predictor import Scorer, check_matrix, ranking_check_matrix
 from training.artifacts import Artifacts
 from training.errors import ReelrankError
 from training.features import build_matrix
-from training.ranking import FEATURE_NAMES, UserFeatures, rank_order
+from training.ranking import FEATURE_NAMES, HISTORY_MOVIES, UserFeatures, rank_order
 
 _log = logging.getLogger(__name__)
 
@@ -59,8 +59,11 @@ class RankerConfig:
     compiled_trees_dir: Path | None = None
     """Cache of compiled models; None means ``$REELRANK_CACHE_DIR/compiled-models``."""
     user_cache_users: int = 1024
-    """Users whose candidate-independent ranking input (:class:`UserContext`, about 50 KB
-    each on ML-100K) is kept between calls, least recently used first out; 0 keeps none."""
+    """Users whose :class:`UserContext` (about 60 KB each on ML-100K) is kept between calls,
+    least recently used first out; 0 keeps none."""
+    warm_users: int | None = None
+    """Users whose contexts are built before the service reports SERVING (and before a hot
+    reload swaps in), most active first; None: as many as the cache holds, 0: none."""
 
 
 class InvalidRequest(ReelrankError):
@@ -101,10 +104,16 @@ class Ranking:
 class UserContext:
     """What a Rank call derives from the user's stored row alone: the decoded row (defaults when
     the store has none) and, unless the user is a cold start, the ranking model's candidate
-    stage and user features, which take most of a call's work."""
+    stage and user features; with the version's movie rows cached in memory, also the ranking
+    model's score of every catalogue movie for the user, so that a call only picks its own."""
 
     user_row: dict[str, np.ndarray]
     features: UserFeatures | None
+    scores: np.ndarray | None = None
+    """``(n_catalogue,)`` float32 score of each catalogue movie, in catalogue order; None
+    without a movie-row cache (every call then reads and scores its movies)."""
+    scored: np.ndarray | None = None
+    """``(n_catalogue,)`` bool: the movies of :attr:`scores` that had a row when it was built."""
 
 
 class UserContextCache:
@@ -178,20 +187,51 @@ class RankingCore:
         return self.artifacts.model_version
 
     def warm_up(self, chunk: int = 512) -> None:
-        """Read every catalogue movie's row into the reader's cache (when it has one), so the
-        first calls do not pay for the rows the candidate stage needs. Raises the store's
-        errors; rows it could not read are read by calls as usual."""
-        if self.reader.movie_cache is None:
+        """Read every catalogue movie's row into the reader's cache (when it has one), then
+        build the contexts of the most active users (:attr:`RankerConfig.warm_users`), so that
+        first calls find what they need. Raises the store's errors; a user whose context
+        cannot be built is skipped (its calls fail with the reason) and counted in the log."""
+        if self.reader.movie_cache is not None:
+            started = time.perf_counter()
+            movie_ids = self.ranking.catalogue.movie_ids
+            for start in range(0, len(movie_ids), chunk):
+                self.reader.read_movies(movie_ids[start : start + chunk])
+            _log.info(
+                "cached %d movie rows of model %s in %.0f ms",
+                len(self.reader.movie_cache),
+                self.model_version,
+                (time.perf_counter() - started) * 1e3,
+            )
+        self._warm_users()
+
+    def _warm_users(self) -> None:
+        limit = self.config.warm_users
+        if limit is None:
+            limit = self.config.user_cache_users
+        limit = min(limit, self.config.user_cache_users)
+        if limit <= 0:
             return
         started = time.perf_counter()
-        movie_ids = self.ranking.catalogue.movie_ids
-        for start in range(0, len(movie_ids), chunk):
-            self.reader.read_movies(movie_ids[start : start + chunk])
+        users = self.artifacts.model.users
+        activity = np.array([len(h) for h in users.columns[HISTORY_MOVIES]])
+        most_active = users.ids[np.argsort(-activity, kind="stable")[:limit]]
+        skipped = []
+        for user_id in most_active.tolist():
+            try:
+                self._context(None, user_id)
+            except CorruptFeatures as error:
+                skipped.append(f"{user_id} ({error})")
+        if skipped:
+            _log.warning(
+                "%d users' contexts could not be built, their calls will fail: %s",
+                len(skipped),
+                "; ".join(skipped[:3]),
+            )
         _log.info(
-            "cached %d movie rows of model %s in %.0f ms",
-            len(self.reader.movie_cache),
+            "built %d user contexts of model %s in %.1f s",
+            len(self.contexts),
             self.model_version,
-            (time.perf_counter() - started) * 1e3,
+            time.perf_counter() - started,
         )
 
     def validate(self, user_id: int, candidate_ids: np.ndarray, top_k: int) -> None:
@@ -245,11 +285,9 @@ class RankingCore:
 
         features = context.features
         if features is None:
-            movie_ids, scores, matrix, found = self._by_popularity(deadline, requested, top_k)
+            movie_ids, scores, found = self._by_popularity(deadline, requested, top_k)
         else:
-            movie_ids, scores, matrix, found = self._by_ranking_model(
-                deadline, features, requested, top_k
-            )
+            movie_ids, scores, found = self._by_ranking_model(deadline, context, requested, top_k)
         not_found = np.zeros(0, np.int64)
         if requested is not None:
             scored = np.zeros(len(distinct), dtype=bool)
@@ -271,10 +309,9 @@ class RankingCore:
             ranking.predicted_ratings = self._predicted_ratings(
                 deadline, context.user_row, ranking.movie_ids
             )
-        if explain and matrix is not None and len(order):
-            contributions = self.ranking.booster.predict(
-                matrix[order], pred_contrib=True, num_threads=1
-            )
+        if explain and features is not None and len(order):
+            matrix = self._matrix(deadline, features, ranking.movie_ids)
+            contributions = self.ranking.booster.predict(matrix, pred_contrib=True, num_threads=1)
             ranking.contributions = contributions[:, :-1]
             ranking.base_value = float(contributions[0, -1])
         return ranking
@@ -290,32 +327,61 @@ class RankingCore:
         with self._computing:
             user_row, user_found = self.reader.decode_user(user_id, stored)
             stage = self.ranking.stage(user_row) if user_found else None
-        features = None
-        if stage is not None:
-            needed = stage.context_movie_ids
-            rows, found = self._read(deadline, self.reader.read_movies, needed)
-            if not found.all():
-                # Defaults in place of a rated or reference movie's row would shift every score.
-                raise CorruptFeatures(
-                    f"movie {int(needed[~found][0])} of model version {self.model_version}'s "
-                    f"catalogue has no row in project {self.reader.config.project}, and user "
-                    f"{user_id}'s ranking needs it; materialize the model version again"
-                )
-            with self._computing:
-                features = UserFeatures(stage, user_row, rows, self.constants)
-        context = UserContext(user_row, features)
+        if stage is None:
+            context = UserContext(user_row, None)
+        else:
+            context = self._ranking_context(deadline, user_id, user_row, stage)
         self.contexts.put(key, context)
         return context, False
 
-    def _by_ranking_model(self, deadline, features: UserFeatures, requested, top_k: int):
-        """The scored movies that have rows, their scores and matrix rows, and which of the
-        ``requested`` catalogue positions had rows: the requested movies, or without a request
-        the candidate stage's best."""
-        stage = features.stage
+    def _ranking_context(self, deadline, user_id: int, user_row, stage) -> UserContext:
+        needed = stage.context_movie_ids
+        rows, found = self._read(deadline, self.reader.read_movies, needed)
+        if not found.all():
+            # Defaults in place of a rated or reference movie's row would shift every score.
+            raise CorruptFeatures(
+                f"movie {int(needed[~found][0])} of model version {self.model_version}'s "
+                f"catalogue has no row in project {self.reader.config.project}, and user "
+                f"{user_id}'s ranking needs it; materialize the model version again"
+            )
+        with self._computing:
+            features = UserFeatures(stage, user_row, rows, self.constants)
+        if self.reader.movie_cache is None:
+            return UserContext(user_row, features)
+
+        # The version's movie rows are in memory, so every catalogue movie is scored once
+        # here and a call only picks its movies' scores: a movie's matrix row and score do not
+        # depend on which other movies share the matrix.
+        catalogue = self.ranking.catalogue
+        rows, scored = self._read(deadline, self.reader.read_movies, catalogue.movie_ids)
+        scores = np.zeros(len(catalogue), np.float32)
+        with self._computing:
+            if scored.any():
+                positions = np.flatnonzero(scored)
+                rows = {name: values[scored] for name, values in rows.items()}
+                scores[positions] = self.scorer.score(features.matrix(positions, rows))
+        return UserContext(user_row, features, scores, scored)
+
+    def _by_ranking_model(self, deadline, context: UserContext, requested, top_k: int):
+        """The scored movies that have rows, their scores and which of the ``requested``
+        catalogue positions had rows: the requested movies, or without a request the
+        candidate stage's best."""
+        stage = context.features.stage
         chosen = requested
         if requested is None:
             chosen = stage.ranked(max(len(stage.reference), top_k))
-        movie_ids = stage.catalogue.movie_ids[chosen]
+        if context.scores is None:
+            return self._score_now(deadline, context.features, chosen)
+        found = context.scored[chosen]
+        if found.all():
+            return stage.catalogue.movie_ids[chosen], context.scores[chosen], found
+        # A movie without a row when the context was built: read and score it now.
+        movie_ids, scores, found = self._score_now(deadline, context.features, chosen)
+        return movie_ids, scores, found
+
+    def _score_now(self, deadline, features: UserFeatures, chosen: np.ndarray):
+        """Read the rows of the movies at ``chosen`` and score those that have one."""
+        movie_ids = features.stage.catalogue.movie_ids[chosen]
         rows, found = self._read(deadline, self.reader.read_movies, movie_ids)
         if not found.all():
             chosen, movie_ids = chosen[found], movie_ids[found]
@@ -323,11 +389,18 @@ class RankingCore:
         with self._computing:
             matrix = features.matrix(chosen, rows)
             scores = self.scorer.score(matrix).astype(np.float32)
-        return movie_ids, scores, matrix, found
+        return movie_ids, scores, found
+
+    def _matrix(self, deadline, features: UserFeatures, movie_ids: np.ndarray) -> np.ndarray:
+        """The ranking matrix of ``movie_ids`` (catalogue movies that have rows), for SHAP."""
+        positions, _ = self.ranking.catalogue.positions(movie_ids)
+        rows, _ = self._read(deadline, self.reader.read_movies, movie_ids)
+        with self._computing:
+            return features.matrix(positions, rows)
 
     def _by_popularity(self, deadline, requested: np.ndarray | None, top_k: int):
         """Cold start: the requested movies that have rows (or the most popular ones) scored by
-        popularity; no matrix."""
+        popularity."""
         catalogue = self.ranking.catalogue
         if requested is None:
             size = top_k or self.ranking.n_candidates
@@ -337,7 +410,7 @@ class RankingCore:
             _, found = self._read(deadline, self.reader.read_movies, catalogue.movie_ids[requested])
             movie_ids = catalogue.movie_ids[requested[found]]
         scores = self.ranking.popularity(movie_ids).astype(np.float32)
-        return movie_ids, scores, None, found
+        return movie_ids, scores, found
 
     def _predicted_ratings(self, deadline, user_row, movie_ids: np.ndarray) -> np.ndarray:
         """The rating model's predictions for the user and ``movie_ids``, as ``predict``."""

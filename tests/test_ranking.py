@@ -23,6 +23,7 @@ from training.candidates import (
     top_unrated,
 )
 from training.data import load_movielens
+from training.history_kernel import COLUMNS, history_columns
 from training.ranking import FEATURE_NAMES, RankingConfig, train_ranker
 from training.ranking_eval import ranking_metrics, split_per_user
 
@@ -79,6 +80,62 @@ def test_top_unrated_agrees_with_a_full_stable_sort():
         unrated = np.flatnonzero(~rated)
         expected = unrated[np.argsort(-values[unrated], kind="stable")][:n]
         assert top_unrated(values, rated, n).tolist() == expected.tolist()
+
+
+def _history_columns_by_definition(ease, cooc, centred, ease_support, strong_cosine):
+    """One movie's history columns from its float32 weights toward each history movie, as the
+    features are defined: sums in history order, the largest few padded with zeros."""
+    h = len(ease)
+
+    def top(values, n):
+        return [float(v) for v in sorted(values, reverse=True)[:n]] + [0.0] * max(0, n - h)
+
+    ease64 = [float(v) for v in ease]
+    positive = negative = like = 0.0
+    for value, rating in zip(ease64, centred, strict=True):
+        positive += max(value, 0.0)
+        negative += min(value, 0.0)
+        like += value * rating
+    ease_top, cooc_top = top(ease, 5), top(cooc, 3)
+    return {
+        "ease_positive": positive,
+        "ease_negative": negative,
+        "ease_max": ease_top[0],
+        "ease_second": ease_top[1],
+        "ease_top5": sum(ease_top),
+        "ease_support": sum(v > ease_support for v in ease64) / h,
+        "ease_like": like,
+        "cooc_max": cooc_top[0],
+        "cooc_top3": sum(cooc_top) / 3,
+        "cooc_strong": sum(float(v) > strong_cosine for v in cooc) / h,
+    }
+
+
+def test_history_columns_follow_their_definition_and_ignore_other_movies():
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        n, k = int(rng.integers(2, 40)), 4
+        # Round weights make ties and exact threshold hits; zeros and negatives are common.
+        weights = (rng.integers(-4, 9, (n, k * n)) / 20).astype(np.float32)
+        history = np.sort(rng.choice(n, int(rng.integers(1, n + 1)), replace=False))
+        centred = rng.normal(size=len(history))
+        positions = rng.integers(0, n, int(rng.integers(1, 3 * n)))
+        ease, cooc = 0, n  # the offsets of the two models' weights in a row
+        got = history_columns(weights, ease, cooc, history, positions, centred, 0.1, 0.3)
+        for i, position in enumerate(positions.tolist()):
+            expected = _history_columns_by_definition(
+                weights[history, ease + position],
+                weights[history, cooc + position],
+                centred.tolist(),
+                0.1,
+                0.3,
+            )
+            for name, value in expected.items():
+                assert got[name][i] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+            alone = history_columns(
+                weights, ease, cooc, history, positions[i : i + 1], centred, 0.1, 0.3
+            )
+            assert [alone[name][0] for name in COLUMNS] == [got[name][i] for name in COLUMNS]
 
 
 def test_catalogue_round_trips_without_pickle(tiny_data, tmp_path):

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import sparse
 
 from training.errors import ArtifactError
+from training.history_kernel import history_columns
 
 _log = logging.getLogger(__name__)
 
@@ -99,24 +100,29 @@ class Catalogue:
         )
         return (indicator @ self._by_history_movie).reshape(len(ITEM_MODELS), n)
 
-    def weights_toward(self, models, history: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """``(len(models), len(positions), len(history))`` float32: each item-item model's
-        weight from each history movie toward each movie at ``positions``, a row per movie,
-        so that reductions over the history run along rows and give a movie the same value
-        whatever other movies share the matrix."""
-        models, positions = np.asarray(models), np.asarray(positions, np.int64)
+    def history_columns(
+        self,
+        history: np.ndarray,
+        positions: np.ndarray,
+        centred_ratings: np.ndarray,
+        ease_support: float,
+        strong_cosine: float,
+    ) -> dict[str, np.ndarray]:
+        """The ranking features comparing each movie at ``positions`` with every history movie
+        at ``history`` through the EASE and co-occurrence weights, read in place
+        (:func:`training.history_kernel.history_columns`): a movie's values do not depend on
+        which other movies are asked for."""
         n = len(self)
-        if 4 * len(positions) < n:
-            # Few movies: pick the entries straight out of the flat (movie, model, movie) array.
-            index = (history * (len(ITEM_MODELS) * n))[None, None, :] + (
-                (models * n)[:, None] + positions[None, :]
-            )[:, :, None]
-            return np.take(self._by_history_movie.reshape(-1), index)
-        # Many: copying the history's rows first reads memory in order.
-        weights = np.empty((len(models), len(positions), len(history)), np.float32)
-        for k, model in enumerate(models.tolist()):
-            weights[k] = self.item_weights[model][history][:, positions].T
-        return weights
+        return history_columns(
+            self._by_history_movie,
+            EASE * n,
+            COOCCURRENCE * n,
+            history,
+            positions,
+            centred_ratings,
+            ease_support,
+            strong_cosine,
+        )
 
     def ease_scores(self, positions: np.ndarray) -> np.ndarray:
         """Candidate-stage scores ``(n_movies,)`` float64 of a user whose history is the

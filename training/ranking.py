@@ -279,30 +279,20 @@ class UserFeatures:
         """Every un-standardized column for the movies at catalogue ``positions``."""
         stage, catalogue = self.stage, self.stage.catalogue
         m = len(positions)
-        # (m, h): every history movie's weights toward each movie, history in id order.
-        # Element-wise products and sums along each row, not BLAS, whose order of additions
-        # may depend on where a row sits in memory: a movie must score the same alone as
-        # among others.
-        ease32, cooc32 = catalogue.weights_toward((EASE, COOCCURRENCE), stage.history, positions)
-        ease = ease32.astype(np.float64)
-        ease_top = _top_columns(ease32, 5)
-        cooc_top = _top_columns(cooc32, 3)
         genres = np.asarray(rows["movie_genres"], np.float64)
         scores = stage.scores_at(positions)
+        toward_history = catalogue.history_columns(
+            stage.history,
+            positions,
+            stage.centred_ratings,
+            EASE_SUPPORT_WEIGHT,
+            STRONG_COSINE,
+        )
 
         columns = {
             "ease_score": scores[EASE],
-            "ease_positive": np.clip(ease, 0.0, None).sum(axis=1),
-            "ease_negative": np.clip(ease, None, 0.0).sum(axis=1),
-            "ease_max": ease_top[:, 0],
-            "ease_second": ease_top[:, 1],
-            "ease_top5": ease_top.sum(axis=1),
-            "ease_support": _share_above(ease32, EASE_SUPPORT_WEIGHT),
-            "ease_like": (ease * stage.centred_ratings[None, :]).sum(axis=1),
+            **toward_history,
             "cooc_mean": scores[COOCCURRENCE],
-            "cooc_max": cooc_top[:, 0],
-            "cooc_top3": cooc_top.mean(axis=1),
-            "cooc_strong": _share_above(cooc32, STRONG_COSINE),
             "popularity": catalogue.popularity[positions].astype(np.float64),
             "rp3_score": scores[RP3],
             "sequence_score": scores[SEQUENCE],
@@ -381,28 +371,6 @@ class CandidatePlan:
 
 def _rows_at(rows: Mapping[str, np.ndarray], at: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.asarray(values)[at] for name, values in rows.items()}
-
-
-def _top_columns(values: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` largest entries of each row of ``(m, h)`` float32 ``values``, largest first,
-    as ``(m, n)`` float64; zeros where the history is shorter than ``n``."""
-    m, h = values.shape
-    if h > n:
-        values = np.partition(values, h - n, axis=1)[:, h - n :]
-    top = np.sort(values, axis=1)[:, ::-1].astype(np.float64)
-    if top.shape[1] < n:
-        top = np.hstack([top, np.zeros((m, n - top.shape[1]))])
-    return top
-
-
-def _share_above(values: np.ndarray, threshold: float) -> np.ndarray:
-    """Per row of ``(m, h)`` float32 ``values``, the share of entries above ``threshold``,
-    compared exactly as their float64 values would be: a float32 lies above ``threshold``
-    exactly when it lies above the largest float32 not above it."""
-    below = np.float32(threshold)
-    if float(below) > threshold:
-        below = np.nextafter(below, np.float32(-np.inf))
-    return np.count_nonzero(values > below, axis=1) / values.shape[1]
 
 
 @dataclass
