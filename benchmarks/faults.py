@@ -42,6 +42,7 @@ from benchmarks.harness import (
     materialize,
     percentile_ms,
     wait_until,
+    wait_until_every_worker_serves,
 )
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker.online_store import ViewLayout, field_hash
@@ -83,6 +84,7 @@ class Bed:
             *options,
         )  # fmt: skip
         self.target = f"127.0.0.1:{self.serve.wait_for_port()}"
+        wait_until_every_worker_serves(self.target, self.serve.process.pid)
 
     def request(self, rng: random.Random) -> ranker_pb2.RankRequest:
         """A request of a known user (sometimes an unknown one) and known movies, plus

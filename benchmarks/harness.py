@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 import redis
 
-from ranker.bench import ConnectionSpread
+from ranker.bench import ConnectionSpread, serving_processes
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -234,6 +234,39 @@ class ServeProcess:
             self.process.kill()
         self.process.wait(timeout=30)
         self._reader.join(timeout=5)
+
+
+def wait_until_every_worker_serves(target: str, server_pid: int, timeout_s: float = 300) -> None:
+    """Wait until the health service answers SERVING on a connection to each worker of the
+    local server ``server_pid`` (workers warm their caches before they serve, each at its own
+    pace). Raises TimeoutError."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = int(target.rsplit(":", 1)[1])
+    count = len(serving_processes(server_pid, port))
+    spread = ConnectionSpread(server_pid, port, count)
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = []
+    try:
+        while len(channels) < count:
+            before = spread.owners()
+            channel = grpc.insecure_channel(target, options=options)
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+            if spread.keep(before):
+                channels.append(channel)
+            else:
+                channel.close()
+        for channel in channels:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def serving(stub=stub) -> bool:
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+            wait_until(serving, timeout_s, f"a worker of {target} to report SERVING")
+    finally:
+        for channel in channels:
+            channel.close()
 
 
 @dataclass

@@ -37,6 +37,7 @@ from ranker.service import (
     status_for,
 )
 from training import artifacts as artifacts_io
+from training.ranking import HISTORY_MOVIES
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 
@@ -269,6 +270,60 @@ def test_the_user_cache_serves_only_what_the_stored_row_gives_now(
     _materialize(second_artifacts, redis_url, feast_repo)
     with pytest.raises(StaleFeatures):
         core.rank(2, movie_ids)
+    client.close()
+    reader.close()
+
+
+def test_warm_up_builds_the_most_active_users_and_a_movie_read_later_is_scored(
+    feast_repo, tiny_artifacts, loaded, redis_url, monkeypatch
+) -> None:
+    """Before SERVING the most active users' contexts (every catalogue movie scored) are
+    built; a movie that had no row then is read and scored by the calls that ask for it."""
+    _materialize(tiny_artifacts, redis_url, feast_repo)
+    # A small reference set, so that some users' rankings leave movies out of their context.
+    monkeypatch.setattr(loaded.ranking, "n_candidates", 3)
+    users, movie_ids = loaded.model.users, loaded.model.movies.ids
+    activity = np.array([len(h) for h in users.columns[HISTORY_MOVIES]])
+    most_active = users.ids[np.argsort(-activity, kind="stable")[:3]]
+    # A user whose ranking does not need every movie's row (rated or reference movies), and
+    # one such movie, whose row is deleted before the context is built.
+    for user_id in users.ids[np.argsort(activity, kind="stable")].tolist():
+        user_row, _ = users.lookup(np.array([user_id]))
+        needed = set(loaded.ranking.stage(user_row).context_movie_ids.tolist())
+        spare = [m for m in movie_ids.tolist() if m not in needed]
+        if spare:
+            absent = spare[0]
+            break
+
+    client = redis.Redis.from_url(redis_url)
+    key = ViewLayout("movie", "movie_id", [], "reelrank").keys(np.array([absent]))[0]
+    stored = client.hgetall(key)
+    client.delete(key)
+    reader = _reader(redis_url, loaded.manifest, cache_rows=1_000)
+    core = RankingCore(
+        loaded, reader, RankerConfig(compiled_trees=False, user_cache_users=8, warm_users=3)
+    )
+    core.warm_up()
+    # A warmed user whose ranking needs the deleted row is skipped (its calls fail).
+    warmed = [
+        u
+        for u in most_active.tolist()
+        if absent
+        not in loaded.ranking.stage(users.lookup(np.array([u]))[0]).context_movie_ids.tolist()
+    ]
+    assert warmed and len(core.contexts) == len(warmed)
+    for user in warmed:
+        assert core.rank(user, movie_ids[:5]).context_cached
+
+    without = core.rank(user_id, movie_ids)
+    assert without.not_found_ids.tolist() == [absent]
+    client.hset(key, mapping=stored)
+    ranking = core.rank(user_id, movie_ids)
+    assert ranking.context_cached and len(ranking.not_found_ids) == 0
+    features = loaded.recommender().features(user_id, candidate_ids=movie_ids)
+    offline = loaded.ranking.score(features.matrix).astype(np.float32)
+    served = dict(zip(ranking.movie_ids.tolist(), ranking.scores.tolist(), strict=True))
+    assert [served[m] for m in features.movie_ids.tolist()] == offline.tolist()
     client.close()
     reader.close()
 
