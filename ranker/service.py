@@ -376,8 +376,7 @@ class RankingCore:
         if found.all():
             return stage.catalogue.movie_ids[chosen], context.scores[chosen], found
         # A movie without a row when the context was built: read and score it now.
-        movie_ids, scores, found = self._score_now(deadline, context.features, chosen)
-        return movie_ids, scores, found
+        return self._score_now(deadline, context.features, chosen)
 
     def _score_now(self, deadline, features: UserFeatures, chosen: np.ndarray):
         """Read the rows of the movies at ``chosen`` and score those that have one."""
