@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 import redis
 
-from ranker.bench import ConnectionSpread, serving_processes
+from ranker.bench import OWN_CONNECTION, ConnectionSpread
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -242,20 +242,10 @@ def wait_until_every_worker_serves(target: str, server_pid: int, timeout_s: floa
     pace). Raises TimeoutError."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    port = int(target.rsplit(":", 1)[1])
-    count = len(serving_processes(server_pid, port))
-    spread = ConnectionSpread(server_pid, port, count)
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = []
+    channels = ConnectionSpread(server_pid, target).channels(
+        lambda: grpc.insecure_channel(target, options=OWN_CONNECTION), timeout_s
+    )
     try:
-        while len(channels) < count:
-            before = spread.owners()
-            channel = grpc.insecure_channel(target, options=options)
-            grpc.channel_ready_future(channel).result(timeout=timeout_s)
-            if spread.keep(before):
-                channels.append(channel)
-            else:
-                channel.close()
         for channel in channels:
             stub = health_pb2_grpc.HealthStub(channel)
 
@@ -328,26 +318,14 @@ class Load:
             raise RuntimeError(f"{len(hung)} client threads still in a call after {timeout_s} s")
 
     def _channel(self) -> grpc.Channel:
-        # A local subchannel pool: a connection of this channel's own, not one shared by all.
-        options = [("grpc.use_local_subchannel_pool", 1)]
         if self.credentials is None:
-            return grpc.insecure_channel(self.target, options=options)
-        return grpc.secure_channel(self.target, self.credentials, options=options)
+            return grpc.insecure_channel(self.target, options=OWN_CONNECTION)
+        return grpc.secure_channel(self.target, self.credentials, options=OWN_CONNECTION)
 
     def _channels(self) -> list[grpc.Channel]:
         if self.server_pid is None:
             return [self._channel() for _ in range(self.threads)]
-        spread = ConnectionSpread(self.server_pid, int(self.target.rsplit(":", 1)[1]), self.threads)
-        channels = []
-        while len(channels) < self.threads:
-            before = spread.owners()
-            channel = self._channel()
-            grpc.channel_ready_future(channel).result(timeout=60)
-            if spread.keep(before):
-                channels.append(channel)
-            else:
-                channel.close()
-        return channels
+        return ConnectionSpread(self.server_pid, self.target, self.threads).channels(self._channel)
 
     def _run(self, index: int, channel: grpc.Channel) -> None:
         rng = random.Random(index)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import random
 import tempfile
@@ -33,7 +34,7 @@ import grpc
 import numpy as np
 
 from benchmarks.faults import open_bed
-from ranker.bench import SERVICE_NAME, ConnectionSpread
+from ranker.bench import SERVICE_NAME, aio_channels
 
 CODES = [code.name for code in grpc.StatusCode]
 OK = CODES.index("OK")
@@ -55,16 +56,7 @@ class OpenLoopClient:
         self._channels = []
 
     async def connect(self, target: str, count: int, server_pid: int) -> None:
-        spread = ConnectionSpread(server_pid, int(target.rsplit(":", 1)[1]), count)
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        while len(self._channels) < count:
-            before = spread.owners()
-            channel = grpc.aio.insecure_channel(target, options=options)
-            await asyncio.wait_for(channel.channel_ready(), 60)
-            if spread.keep(before):
-                self._channels.append(channel)
-            else:
-                await channel.close()
+        self._channels = await aio_channels(target, count, server_pid)
         self._calls = [c.unary_unary(f"/{SERVICE_NAME}/Rank") for c in self._channels]
 
     async def close(self) -> None:
@@ -87,7 +79,7 @@ class OpenLoopClient:
     async def closed_loop(self, seconds: float) -> None:
         """One call in flight per connection, each sent when the one before it ends."""
         until = time.monotonic() + seconds
-        counter = iter(range(10**12))
+        counter = itertools.count()
 
         async def client() -> None:
             while time.monotonic() < until:

@@ -187,11 +187,9 @@ def run_sequential(stub, messages, config: BenchConfig) -> tuple[PhaseResult, li
     return PhaseResult.of(latencies, time.perf_counter() - started), responses
 
 
-class _RawRank:
-    """``Rank`` on serialized bytes, answering bytes (no serializer on either side)."""
-
-    def __init__(self, call):
-        self.Rank = call  # noqa: N815 -- the stub's method name
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+"""Channel options for a TCP connection of the channel's own, not one shared by every channel
+of the process to the same target (gRPC's global subchannel pool)."""
 
 
 def serving_processes(pid: int, port: int | None = None) -> list[psutil.Process]:
@@ -223,16 +221,44 @@ class ConnectionSpread:
     known); one that would give a worker more than its share is closed and opened again.
     """
 
-    def __init__(self, pid: int, port: int, count: int, max_attempts: int = 50):
-        self.workers = serving_processes(pid, port)
+    def __init__(self, pid: int, target: str, count: int | None = None, max_attempts: int = 50):
+        self.port = int(target.rsplit(":", 1)[1])
+        self.workers = serving_processes(pid, self.port)
         if not self.workers:
-            raise BenchError(f"no process of server {pid} listens on port {port}")
-        self.port = port
-        self.share = -(-count // len(self.workers))
+            raise BenchError(f"no process of server {pid} listens on port {self.port}")
+        self.count = len(self.workers) if count is None else count
+        """Connections to open; None: one per worker."""
+        self.share = -(-self.count // len(self.workers))
         self.held = [0] * len(self.workers)
-        self.attempts_left = max_attempts * count
+        self.attempts_left = max_attempts * self.count
 
-    def owners(self) -> dict[int, int]:
+    def channels(self, open_channel: Callable[[], grpc.Channel], timeout_s: float = 60) -> list:
+        """``count`` channels of ``open_channel()``, connected and spread."""
+        channels = []
+        while len(channels) < self.count:
+            before = self._owners()
+            channel = open_channel()
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+            if self._keep(before):
+                channels.append(channel)
+            else:
+                channel.close()
+        return channels
+
+    async def aio_channels(self, open_channel: Callable[[], grpc.aio.Channel], timeout_s=60):
+        """:meth:`channels` for asyncio channels."""
+        channels = []
+        while len(channels) < self.count:
+            before = self._owners()
+            channel = open_channel()
+            await asyncio.wait_for(channel.channel_ready(), timeout_s)
+            if self._keep(before):
+                channels.append(channel)
+            else:
+                await channel.close()
+        return channels
+
+    def _owners(self) -> dict[int, int]:
         """Client port -> index of the worker holding that connection."""
         owners = {}
         for index, worker in enumerate(self.workers):
@@ -241,15 +267,30 @@ class ConnectionSpread:
                     owners[connection.raddr.port] = index
         return owners
 
-    def keep(self, before: dict[int, int]) -> bool:
-        """Whether the one connection opened since ``before = owners()`` may stay: true if it
+    def _keep(self, before: dict[int, int]) -> bool:
+        """Whether the one connection opened since ``before = _owners()`` may stay: true if it
         lands under its worker's share, or when the attempts are used up."""
         self.attempts_left -= 1
-        new = [index for port, index in self.owners().items() if port not in before]
+        new = [index for port, index in self._owners().items() if port not in before]
         if len(new) == 1 and self.held[new[0]] < self.share:
             self.held[new[0]] += 1
             return True
         return self.attempts_left <= 0
+
+
+async def aio_channels(target: str, count: int | None, server_pid: int | None) -> list:
+    """``count`` connected asyncio channels, each on its own TCP connection, spread evenly
+    over the workers of the local server ``server_pid`` when it is known (``count`` None: one
+    per worker, or four when the server is not known)."""
+
+    def open_channel() -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(target, options=OWN_CONNECTION)
+
+    if server_pid is None:
+        return [open_channel() for _ in range(4 if count is None else count)]
+    return await ConnectionSpread(server_pid, target, count).aio_channels(
+        open_channel, SERVICE_START_TIMEOUT_S
+    )
 
 
 def run_concurrent(
@@ -261,18 +302,17 @@ def run_concurrent(
 
 
 async def _concurrent(target: str, messages, config: BenchConfig, server_pid) -> PhaseResult:
-    channels = await _aio_channels(target, config.concurrency, server_pid)
+    channels = await aio_channels(target, config.concurrency, server_pid)
     # The load generator shares the cores with the service, so it sends the requests already
     # serialized and does not decode the answers (their status still raises on failure): its
     # own CPU per call is what it would spend on one machine, not on the service's work.
-    method = f"/{SERVICE_NAME}/Rank"
-    stubs = [_RawRank(channel.unary_unary(method)) for channel in channels]
+    calls = [channel.unary_unary(f"/{SERVICE_NAME}/Rank") for channel in channels]
     messages = [message.SerializeToString() for message in messages]
     try:
         await asyncio.gather(
             *(
-                stub.Rank(message, timeout=config.deadline_s)
-                for stub in stubs
+                call(message, timeout=config.deadline_s)
+                for call in calls
                 for message in messages[: max(1, WARMUP_CALLS // config.concurrency)]
             )
         )
@@ -280,38 +320,19 @@ async def _concurrent(target: str, messages, config: BenchConfig, server_pid) ->
         next_call = iter(range(len(messages)))
         started = time.perf_counter()
 
-        async def client(stub) -> None:
+        async def client(call) -> None:
             for index in next_call:
                 if time.perf_counter() - started > config.max_phase_s:
                     return
                 call_started = time.perf_counter()
-                await stub.Rank(messages[index], timeout=config.deadline_s)
+                await call(messages[index], timeout=config.deadline_s)
                 latencies.append(time.perf_counter() - call_started)
 
-        await asyncio.gather(*(client(stub) for stub in stubs))
+        await asyncio.gather(*(client(call) for call in calls))
         return PhaseResult.of(latencies, time.perf_counter() - started)
     finally:
         for channel in channels:
             await channel.close()
-
-
-async def _aio_channels(target: str, count: int, server_pid: int | None) -> list:
-    """``count`` connected channels, each on its own TCP connection (a local subchannel pool),
-    spread evenly over the workers of ``server_pid`` when it is known."""
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    if server_pid is None:
-        return [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
-    spread = ConnectionSpread(server_pid, int(target.rsplit(":", 1)[1]), count)
-    channels = []
-    while len(channels) < count:
-        before = spread.owners()
-        channel = grpc.aio.insecure_channel(target, options=options)
-        await asyncio.wait_for(channel.channel_ready(), SERVICE_START_TIMEOUT_S)
-        if spread.keep(before):
-            channels.append(channel)
-        else:
-            await channel.close()
-    return channels
 
 
 def run_first_calls(
@@ -324,11 +345,9 @@ def run_first_calls(
 
 
 async def _first_calls(target: str, user_ids: list[int], config: BenchConfig, server_pid):
-    # One connection per worker; without a known server process, enough of them that every
-    # worker very likely gets one.
-    port = int(target.rsplit(":", 1)[1])
-    count = 4 * config.workers if server_pid is None else len(serving_processes(server_pid, port))
-    channels = await _aio_channels(target, count, server_pid)
+    # One connection per worker of a local server; for a --target of unknown workers, four
+    # connections, which reach each of two workers with probability 7/8.
+    channels = await aio_channels(target, None, server_pid)
     stubs = [ranker_pb2_grpc.RankerStub(channel) for channel in channels]
     latencies: list[float] = []
 

@@ -70,8 +70,9 @@ class ServiceMetrics:
         )
         self.user_contexts = Counter(
             "reelrank_user_contexts",
-            "Rank calls by whether the user's candidate stage and features were reused from the "
-            "per-version user cache (result=hit) or computed from the row just read (miss).",
+            "Rank calls by whether the user's context (candidate stage, features, catalogue "
+            "scores) came from the per-version user cache (result=hit) or was computed from "
+            "the row just read (miss).",
             ("result",),
             registry=registry,
         )

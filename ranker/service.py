@@ -32,7 +32,7 @@ from ranker.predictor import Scorer, check_matrix, ranking_check_matrix
 from training.artifacts import Artifacts
 from training.errors import ReelrankError
 from training.features import build_matrix
-from training.ranking import FEATURE_NAMES, HISTORY_MOVIES, UserFeatures, rank_order
+from training.ranking import FEATURE_NAMES, HISTORY_MOVIES, UserFeatures, rank_order, rows_at
 
 _log = logging.getLogger(__name__)
 
@@ -335,32 +335,33 @@ class RankingCore:
         return context, False
 
     def _ranking_context(self, deadline, user_id: int, user_row, stage) -> UserContext:
-        needed = stage.context_movie_ids
-        rows, found = self._read(deadline, self.reader.read_movies, needed)
-        if not found.all():
+        # With the version's movie rows in memory, every catalogue movie is scored once here
+        # and a call only picks its movies' scores (a movie's matrix row and score do not
+        # depend on which other movies share the matrix); without, only the rows UserFeatures
+        # needs are read, and each call reads and scores its own movies.
+        catalogue = self.ranking.catalogue
+        score_all = self.reader.movie_cache is not None
+        movie_ids = catalogue.movie_ids if score_all else stage.context_movie_ids
+        rows, found = self._read(deadline, self.reader.read_movies, movie_ids)
+        context = stage.context if score_all else np.arange(len(stage.context))
+        if not found[context].all():
             # Defaults in place of a rated or reference movie's row would shift every score.
+            missing = movie_ids[context][~found[context]]
             raise CorruptFeatures(
-                f"movie {int(needed[~found][0])} of model version {self.model_version}'s "
+                f"movie {int(missing[0])} of model version {self.model_version}'s "
                 f"catalogue has no row in project {self.reader.config.project}, and user "
                 f"{user_id}'s ranking needs it; materialize the model version again"
             )
         with self._computing:
-            features = UserFeatures(stage, user_row, rows, self.constants)
-        if self.reader.movie_cache is None:
-            return UserContext(user_row, features)
-
-        # The version's movie rows are in memory, so every catalogue movie is scored once
-        # here and a call only picks its movies' scores: a movie's matrix row and score do not
-        # depend on which other movies share the matrix.
-        catalogue = self.ranking.catalogue
-        rows, scored = self._read(deadline, self.reader.read_movies, catalogue.movie_ids)
-        scores = np.zeros(len(catalogue), np.float32)
-        with self._computing:
-            if scored.any():
-                positions = np.flatnonzero(scored)
-                rows = {name: values[scored] for name, values in rows.items()}
-                scores[positions] = self.scorer.score(features.matrix(positions, rows))
-        return UserContext(user_row, features, scores, scored)
+            features = UserFeatures(stage, user_row, rows_at(rows, context), self.constants)
+            if not score_all:
+                return UserContext(user_row, features)
+            scores = np.zeros(len(catalogue), np.float32)
+            positions = np.flatnonzero(found)
+            if len(positions):
+                matrix = features.matrix(positions, rows_at(rows, positions))
+                scores[positions] = self.scorer.score(matrix)
+        return UserContext(user_row, features, scores, found)
 
     def _by_ranking_model(self, deadline, context: UserContext, requested, top_k: int):
         """The scored movies that have rows, their scores and which of the ``requested``
@@ -383,8 +384,7 @@ class RankingCore:
         movie_ids = features.stage.catalogue.movie_ids[chosen]
         rows, found = self._read(deadline, self.reader.read_movies, movie_ids)
         if not found.all():
-            chosen, movie_ids = chosen[found], movie_ids[found]
-            rows = {name: values[found] for name, values in rows.items()}
+            chosen, movie_ids, rows = chosen[found], movie_ids[found], rows_at(rows, found)
         with self._computing:
             matrix = features.matrix(chosen, rows)
             scores = self.scorer.score(matrix).astype(np.float32)

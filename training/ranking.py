@@ -247,13 +247,13 @@ class UserFeatures:
         self._embedding = user["user_embedding"].reshape(1, -1).astype(np.float32)
         self.activity = len(stage.history) / catalogue.mean_user_activity
 
-        history_rows = _rows_at(context_rows, np.searchsorted(stage.context, stage.history))
+        history_rows = rows_at(context_rows, np.searchsorted(stage.context, stage.history))
         genres = np.asarray(history_rows["movie_genres"], np.float64).sum(axis=0)
         self.genre_share = genres / max(genres.sum(), 1.0)
 
         reference = stage.reference
         columns = self._columns(
-            reference, _rows_at(context_rows, np.searchsorted(stage.context, reference))
+            reference, rows_at(context_rows, np.searchsorted(stage.context, reference))
         )
         basis = np.column_stack([columns[name] for name in Z_FEATURES])
         self.centre = np.zeros(len(Z_FEATURES))
@@ -362,14 +362,16 @@ class CandidatePlan:
     ) -> CandidateFeatures:
         """The ranking matrix of the chosen movies; ``movie_rows`` holds the ``movie`` table
         rows of :attr:`needed_movie_ids`, in that order."""
-        context_rows = _rows_at(movie_rows, np.searchsorted(self.needed, self.stage.context))
+        context_rows = rows_at(movie_rows, np.searchsorted(self.needed, self.stage.context))
         user = UserFeatures(self.stage, user_row, context_rows, constants)
-        chosen_rows = _rows_at(movie_rows, np.searchsorted(self.needed, self.chosen))
+        chosen_rows = rows_at(movie_rows, np.searchsorted(self.needed, self.chosen))
         matrix = user.matrix(self.chosen, chosen_rows)
         return CandidateFeatures(self.catalogue.movie_ids[self.chosen], matrix)
 
 
-def _rows_at(rows: Mapping[str, np.ndarray], at: np.ndarray) -> dict[str, np.ndarray]:
+def rows_at(rows: Mapping[str, np.ndarray], at: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of a table given as columns (``name -> (n, ...)``) at ``at``: positions or a
+    boolean mask."""
     return {name: np.asarray(values)[at] for name, values in rows.items()}
 
 
