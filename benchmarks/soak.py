@@ -11,10 +11,11 @@ load (``--connections`` calls in flight, the next sent when one ends) give the m
 throughput; then calls are sent on a fixed schedule at ``--load`` times that rate for
 ``--minutes``, whatever the answers do (an open loop: a slow answer does not delay the calls
 after it). Reports per minute: calls, achieved rate, p50 and p99 latency, errors, how late the
-client sent calls against the schedule and the server's resident memory and threads; overall
-the spread of the per-minute p99 and memory growth from the end of minute one to the end. The
-client runs on the same machine and takes CPU from the server: the maximum is the machine's,
-client included.
+client sent calls against the schedule, the server's resident memory and threads, and the CPU
+the server used, the machine left idle and the hypervisor took from this virtual machine for
+other guests ("stolen"); overall the spread of the per-minute p99 and memory growth from the end
+of minute one to the end. The client runs on the same machine and takes CPU from the server:
+the maximum is the machine's, client included.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 
 from benchmarks.faults import open_bed
 from ranker.bench import SERVICE_NAME, aio_channels
@@ -63,8 +65,8 @@ class OpenLoopClient:
         for channel in self._channels:
             await channel.close()
 
-    async def _call(self, index: int, scheduled: float) -> None:
-        call = self._calls[index % len(self._calls)]
+    async def _call(self, index: int, scheduled: float, connection: int | None = None) -> None:
+        call = self._calls[index % len(self._calls) if connection is None else connection]
         started = time.monotonic()
         try:
             await call(self.requests[index % len(self.requests)], timeout=self.deadline_s)
@@ -77,15 +79,17 @@ class OpenLoopClient:
         self.codes.append(code)
 
     async def closed_loop(self, seconds: float) -> None:
-        """One call in flight per connection, each sent when the one before it ends."""
+        """One call in flight on each connection, each sent when the one before it ends. A
+        sender keeps to its connection: sent round the connections instead, the calls in flight
+        bunch on one worker while the other idles, and the maximum came out a fifth lower."""
         until = time.monotonic() + seconds
         counter = itertools.count()
 
-        async def client() -> None:
+        async def sender(connection: int) -> None:
             while time.monotonic() < until:
-                await self._call(next(counter), time.monotonic())
+                await self._call(next(counter), time.monotonic(), connection)
 
-        await asyncio.gather(*(client() for _ in self._calls))
+        await asyncio.gather(*(sender(c) for c in range(len(self._calls))))
 
     async def fixed_rate(self, rate: float, seconds: float, first_index: int = 0) -> None:
         """Call ``i`` is sent at ``start + i / rate``, whether or not earlier calls ended."""
@@ -128,6 +132,32 @@ class OpenLoopClient:
         }
 
 
+class CpuMeter:
+    """CPU seconds, since the last reading, of the server's processes and of the whole machine
+    (idle, and stolen by the hypervisor: time this virtual machine was ready to run but another
+    guest ran), each as cores busy on average."""
+
+    def __init__(self, server_pid: int):
+        server = psutil.Process(server_pid)
+        self.tree = [server, *server.children(recursive=True)]
+        self._last = self._read()
+
+    def _read(self) -> tuple[float, float, float, float]:
+        machine = psutil.cpu_times()
+        server = sum(sum(p.cpu_times()[:2]) for p in self.tree if p.is_running())
+        return time.monotonic(), server, machine.idle, getattr(machine, "steal", 0.0)
+
+    def cores(self) -> dict:
+        now = self._read()
+        elapsed, server, idle, stolen = (b - a for a, b in zip(self._last, now))
+        self._last = now
+        return {
+            "server_cpu": round(server / elapsed, 2),
+            "idle_cpu": round(idle / elapsed, 2),
+            "stolen_cpu": round(stolen / elapsed, 2),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, required=True)
@@ -166,8 +196,10 @@ async def _soak(bed, requests: list[bytes], args) -> dict:
     try:
         await client.closed_loop(2.0)  # warm-up, not counted
         probe_from = time.monotonic()
+        meter = CpuMeter(bed.serve.process.pid)
         await client.closed_loop(args.probe_s)
         probe = client.window(probe_from, time.monotonic())
+        probe_cpu = meter.cores()
         max_rps = probe["calls"] / args.probe_s
         target_rps = args.load * max_rps
 
@@ -180,12 +212,17 @@ async def _soak(bed, requests: list[bytes], args) -> dict:
         )
         minutes = []
         loop = asyncio.get_running_loop()
+        meter.cores()  # from here
         for minute in range(n_minutes):
             await asyncio.sleep(max(0.0, started + (minute + 1) * minute_s - time.monotonic()))
             rss, threads = await loop.run_in_executor(None, bed.serve.usage)
             figures = client.window(started + minute * minute_s, started + (minute + 1) * minute_s)
             figures.pop("error_codes", None)
-            usage = {"rss_mb": round(rss / 2**20, 1), "threads": threads}
+            usage = {"rss_mb": round(rss / 2**20, 1), "threads": threads, **meter.cores()}
+            # The same calls at the same rate: what one costs the server shows the machine's speed.
+            if figures["calls"]:
+                per_call = usage["server_cpu"] * 1e3 / figures["rps"]
+                usage["server_cpu_ms_per_call"] = round(per_call, 3)
             minutes.append({"minute": minute + 1, **figures, **usage})
             print(json.dumps(minutes[-1]), flush=True)
         await soak
@@ -202,6 +239,8 @@ async def _soak(bed, requests: list[bytes], args) -> dict:
         "max_rps": round(max_rps, 1),
         "max_p50_ms": probe["p50_ms"],
         "max_p99_ms": probe["p99_ms"],
+        "max_server_cpu": probe_cpu["server_cpu"],
+        "max_server_cpu_ms_per_call": round(probe_cpu["server_cpu"] * 1e3 / max_rps, 3),
         "target_rps": round(target_rps, 1),
         "minutes": minutes,
         "calls": overall["calls"],
