@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from benchmarks.harness import write_json
+
 
 def _count_units(seconds: float, queue) -> None:
     matrix = np.random.default_rng(0).random((64, 64))
@@ -47,6 +49,10 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    if not 1 <= args.window_s <= args.seconds:
+        parser.error(f"--window-s {args.window_s}: must be from 1 to --seconds ({args.seconds:g})")
 
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -77,9 +83,7 @@ def main() -> None:
         "stolen_cpu": round(stolen_s / seconds, 3),
     }
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

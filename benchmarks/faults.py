@@ -41,8 +41,10 @@ from benchmarks.harness import (
     feast_repo_copy,
     materialize,
     percentile_ms,
+    run_script,
     wait_until,
     wait_until_every_worker_serves,
+    write_json,
 )
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker.online_store import ViewLayout, field_hash
@@ -389,10 +391,8 @@ def main() -> None:
                 print("sigterm", round_index, json.dumps(result), flush=True)
         finally:
             bed.close()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -26,7 +26,15 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.harness import ExpectedScores, OwnRedis, ServeProcess, feast_repo_copy, materialize
+from benchmarks.harness import (
+    ExpectedScores,
+    OwnRedis,
+    ServeProcess,
+    feast_repo_copy,
+    materialize,
+    run_script,
+    write_json,
+)
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -199,10 +207,8 @@ def main() -> None:
                 serve.stop()
             store.stop()
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -8,6 +8,7 @@ test certificates made with the ``openssl`` command (:func:`make_certificates`).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -30,10 +31,29 @@ import redis
 
 from ranker.bench import OWN_CONNECTION, ConnectionSpread
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
+from training.errors import ReelrankError
 
 _log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Run a benchmark script's ``main``; reelrank's errors (artifacts that are missing or
+    damaged, say) end it with one ``error:`` line and exit status 2, as the CLI's do."""
+    try:
+        main()
+    except ReelrankError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def write_json(path: Path | None, figures) -> None:
+    """Write a run's figures to ``path`` as indented JSON (its folder made); None writes none."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def free_port() -> int:
@@ -219,11 +239,14 @@ class ServeProcess:
 
         wait_until(logged, timeout_s, f"{text!r} {times} time(s)")
 
-    def usage(self) -> tuple[int, int]:
-        """Resident memory in bytes and the number of threads of the server: its process and,
-        with ``--workers`` above 1, its worker processes, summed."""
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and, with ``--workers`` above 1, its worker processes."""
         process = psutil.Process(self.process.pid)
-        tree = [process, *process.children(recursive=True)]
+        return [process, *process.children(recursive=True)]
+
+    def usage(self) -> tuple[int, int]:
+        """Resident memory in bytes and the number of threads of :meth:`processes`, summed."""
+        tree = self.processes()
         return sum(p.memory_info().rss for p in tree), sum(p.num_threads() for p in tree)
 
     def alive(self) -> bool:

@@ -36,7 +36,9 @@ import numpy as np
 import psutil
 
 from benchmarks.faults import open_bed
+from benchmarks.harness import run_script, write_json
 from ranker.bench import SERVICE_NAME, aio_channels
+from training.errors import ReelrankError
 
 CODES = [code.name for code in grpc.StatusCode]
 OK = CODES.index("OK")
@@ -137,25 +139,33 @@ class CpuMeter:
     (idle, and stolen by the hypervisor: time this virtual machine was ready to run but another
     guest ran), each as cores busy on average."""
 
-    def __init__(self, server_pid: int):
-        server = psutil.Process(server_pid)
-        self.tree = [server, *server.children(recursive=True)]
+    def __init__(self, server: list[psutil.Process]):
+        self.server = server
         self._last = self._read()
 
     def _read(self) -> tuple[float, float, float, float]:
         machine = psutil.cpu_times()
-        server = sum(sum(p.cpu_times()[:2]) for p in self.tree if p.is_running())
+        server = sum(sum(p.cpu_times()[:2]) for p in self.server if p.is_running())
         return time.monotonic(), server, machine.idle, getattr(machine, "steal", 0.0)
 
-    def cores(self) -> dict:
+    def restart(self) -> None:
+        """Count from now."""
+        self._last = self._read()
+
+    def cores(self, calls_per_s: float) -> dict:
+        """Cores busy since the last reading, and the server's CPU per call at ``calls_per_s``:
+        the same calls at the same rate, so what one costs shows the machine's speed."""
         now = self._read()
         elapsed, server, idle, stolen = (b - a for a, b in zip(self._last, now))
         self._last = now
-        return {
+        figures = {
             "server_cpu": round(server / elapsed, 2),
             "idle_cpu": round(idle / elapsed, 2),
             "stolen_cpu": round(stolen / elapsed, 2),
         }
+        if calls_per_s > 0:
+            figures["server_cpu_ms_per_call"] = round(server / elapsed * 1e3 / calls_per_s, 3)
+        return figures
 
 
 def main() -> None:
@@ -171,6 +181,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000, help="Distinct requests drawn.")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    for name in ("minutes", "probe_s", "connections", "candidates", "workers", "deadline_s"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be above 0")
+    if not 0 < args.load <= 1:
+        parser.error(f"--load {args.load}: give a fraction of the maximum, above 0 and at most 1")
+    if args.requests < 1:
+        parser.error("--requests must be at least 1")
 
     with tempfile.TemporaryDirectory(prefix="reelrank-soak-") as scratch:
         bed = open_bed(Path(scratch), [args.artifacts], candidates=args.candidates)
@@ -185,45 +202,46 @@ def main() -> None:
         finally:
             bed.close()
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
 
 
 async def _soak(bed, requests: list[bytes], args) -> dict:
     client = OpenLoopClient(requests, args.deadline_s)
     await client.connect(bed.target, args.connections, bed.serve.process.pid)
+    meter = CpuMeter(bed.serve.processes())
     try:
         await client.closed_loop(2.0)  # warm-up, not counted
+
         probe_from = time.monotonic()
-        meter = CpuMeter(bed.serve.process.pid)
+        meter.restart()
         await client.closed_loop(args.probe_s)
         probe = client.window(probe_from, time.monotonic())
-        probe_cpu = meter.cores()
-        max_rps = probe["calls"] / args.probe_s
+        answered = probe["calls"] - probe.get("errors", 0)
+        if not answered:
+            raise ReelrankError(f"no call was answered OK in the {args.probe_s:g} s probe")
+        max_rps = answered / args.probe_s
+        probe_cpu = meter.cores(max_rps)
         target_rps = args.load * max_rps
 
         n_minutes = max(1, round(args.minutes))
         minute_s = args.minutes * 60 / n_minutes
         await client.fixed_rate(target_rps, 5.0)  # settling at the rate, not counted
         started = time.monotonic()
+        meter.restart()
         soak = asyncio.ensure_future(
             client.fixed_rate(target_rps, n_minutes * minute_s, first_index=len(client.codes))
         )
+
         minutes = []
         loop = asyncio.get_running_loop()
-        meter.cores()  # from here
         for minute in range(n_minutes):
             await asyncio.sleep(max(0.0, started + (minute + 1) * minute_s - time.monotonic()))
             rss, threads = await loop.run_in_executor(None, bed.serve.usage)
             figures = client.window(started + minute * minute_s, started + (minute + 1) * minute_s)
             figures.pop("error_codes", None)
-            usage = {"rss_mb": round(rss / 2**20, 1), "threads": threads, **meter.cores()}
-            # The same calls at the same rate: what one costs the server shows the machine's speed.
-            if figures["calls"]:
-                per_call = usage["server_cpu"] * 1e3 / figures["rps"]
-                usage["server_cpu_ms_per_call"] = round(per_call, 3)
-            minutes.append({"minute": minute + 1, **figures, **usage})
+            usage = {"rss_mb": round(rss / 2**20, 1), "threads": threads}
+            cpu = meter.cores(figures.get("rps", 0.0))
+            minutes.append({"minute": minute + 1, **figures, **usage, **cpu})
             print(json.dumps(minutes[-1]), flush=True)
         await soak
     finally:
@@ -240,7 +258,7 @@ async def _soak(bed, requests: list[bytes], args) -> dict:
         "max_p50_ms": probe["p50_ms"],
         "max_p99_ms": probe["p99_ms"],
         "max_server_cpu": probe_cpu["server_cpu"],
-        "max_server_cpu_ms_per_call": round(probe_cpu["server_cpu"] * 1e3 / max_rps, 3),
+        "max_server_cpu_ms_per_call": probe_cpu["server_cpu_ms_per_call"],
         "target_rps": round(target_rps, 1),
         "minutes": minutes,
         "calls": overall["calls"],
@@ -256,4 +274,4 @@ async def _soak(bed, requests: list[bytes], args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -371,12 +371,10 @@ class RankingCore:
         chosen = requested
         if requested is None:
             chosen = stage.ranked(max(len(stage.reference), top_k))
-        if context.scores is None:
-            return self._score_now(deadline, context.features, chosen)
-        found = context.scored[chosen]
-        if found.all():
-            return stage.catalogue.movie_ids[chosen], context.scores[chosen], found
-        # A movie without a row when the context was built: read and score it now.
+        if context.scores is not None and context.scored[chosen].all():
+            return stage.catalogue.movie_ids[chosen], context.scores[chosen], context.scored[chosen]
+        # No scores kept (no movie-row cache), or a movie that had no row when the context was
+        # built: read the movies' rows and score them now.
         return self._score_now(deadline, context.features, chosen)
 
     def _score_now(self, deadline, features: UserFeatures, chosen: np.ndarray):
