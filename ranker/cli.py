@@ -494,15 +494,13 @@ def _candidate_ids(candidates: str | None, artifacts: Path | None) -> list[int]:
     if artifacts is None:
         # No candidates: the service's candidate stage picks them from the whole catalogue.
         return []
-    import pandas as pd
-
-    from training.artifacts import TITLES
+    from training.artifacts import TITLES, read_frame
     from training.errors import ArtifactError
 
     path = artifacts / TITLES
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; is {artifacts} an artifacts directory?")
-    return pd.read_parquet(path, columns=["movie_id"])["movie_id"].tolist()
+    return read_frame(path, columns=["movie_id"])["movie_id"].tolist()
 
 
 @app.command()

@@ -144,6 +144,13 @@ def test_artifacts_describe_themselves(tiny_artifacts):
     assert not list(tiny_artifacts.glob("*.pkl")) and not list(tiny_artifacts.glob("*.pickle"))
 
 
+def test_artifact_tables_read_on_one_thread_as_pandas_reads_them(tiny_artifacts):
+    for table in sorted(tiny_artifacts.glob("*.parquet")):
+        pd.testing.assert_frame_equal(artifacts.read_frame(table), pd.read_parquet(table))
+    titles = tiny_artifacts / artifacts.TITLES
+    assert list(artifacts.read_frame(titles, columns=["movie_id"]).columns) == ["movie_id"]
+
+
 def test_training_is_reproducible(tiny_data, tmp_path):
     from training.pipeline import train
 
