@@ -315,6 +315,14 @@ def serve(
             min=2,
         ),
     ] = 2,
+    max_in_flight: Annotated[
+        int,
+        typer.Option(
+            help="Calls one worker holds at once, running or queued for a thread; a call beyond "
+            "them is answered RESOURCE_EXHAUSTED at once, so a caller can go elsewhere.",
+            min=1,
+        ),
+    ] = 64,
     max_candidates: Annotated[
         int, typer.Option(help="Most candidates one request may carry.", min=1)
     ] = 10_000,
@@ -404,6 +412,7 @@ def serve(
         port=port,
         workers=workers,
         threads=threads,
+        max_concurrent_rpcs=max_in_flight,
         metrics_port=metrics_port,
         shutdown_grace_s=grace_s,
         store=OnlineStoreConfig(

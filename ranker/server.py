@@ -76,7 +76,8 @@ class ServerConfig:
     more threads only trade it back and forth: at 4 calls in flight over 2 workers, 2 threads
     each served a third more calls per second than 8 (docs/decisions.md)."""
     max_concurrent_rpcs: int = 64
-    """Calls one process accepts at once; further calls get RESOURCE_EXHAUSTED, not a queue."""
+    """Calls one process holds at once, running or waiting for a thread; further calls get
+    RESOURCE_EXHAUSTED at once rather than a longer queue (``--max-in-flight``)."""
     metrics_port: int | None = None
     """Port for Prometheus' /metrics on ``host``; None turns metrics serving off."""
     shutdown_grace_s: float = 10.0

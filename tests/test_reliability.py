@@ -8,6 +8,7 @@ import json
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -420,6 +421,45 @@ def test_redis_over_tls_with_rediss_url(tiny_artifacts, certificates, tmp_path) 
         secured.stop()
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert "pw-over-tls" not in caught.value.details
+
+
+def test_a_call_beyond_max_in_flight_is_refused_at_once(tiny_artifacts, store) -> None:
+    """The calls a worker holds are capped: the next one is RESOURCE_EXHAUSTED at once instead
+    of queueing, and the held calls still finish OK."""
+    config = _config(
+        tiny_artifacts,
+        store,
+        max_concurrent_rpcs=2,
+        store=OnlineStoreConfig(redis_url=store, socket_timeout_s=5.0),
+    )
+    server, port = create_server(config)
+    server.start()
+    request = ranker_pb2.RankRequest(user_id=1, candidate_ids=[1, 2])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ranker_pb2_grpc.RankerStub(channel)
+            assert stub.Rank(request, timeout=DEADLINE_S).movies
+            with redis.Redis.from_url(store) as client:
+                client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+            held = [stub.Rank.future(request, timeout=10) for _ in range(2)]
+            time.sleep(0.3)  # both read the paused store now
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Rank(request, timeout=10)
+            refused_after_s = time.monotonic() - started
+            answers = [future.result() for future in held]
+    finally:
+        server.stop(0)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused_after_s < 1.0, "the third call waited for the store instead of failing fast"
+    assert all(answer.movies for answer in answers)
+
+
+def test_max_in_flight_is_a_serve_option(monkeypatch, capsys, tmp_path) -> None:
+    status, _, err = _cli(monkeypatch, capsys, "serve", "--artifacts", str(tmp_path),
+                          "--max-in-flight", "0")  # fmt: skip
+    assert status == 2
+    assert "--max-in-flight" in err
 
 
 def test_message_size_and_explain_limits(tiny_artifacts, store) -> None:
