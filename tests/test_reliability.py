@@ -455,11 +455,19 @@ def test_a_call_beyond_max_in_flight_is_refused_at_once(tiny_artifacts, store) -
     assert all(answer.movies for answer in answers)
 
 
-def test_max_in_flight_is_a_serve_option(monkeypatch, capsys, tmp_path) -> None:
-    status, _, err = _cli(monkeypatch, capsys, "serve", "--artifacts", str(tmp_path),
-                          "--max-in-flight", "0")  # fmt: skip
+def test_serve_passes_max_in_flight_to_the_server(monkeypatch, capsys, tmp_path) -> None:
+    import ranker.server
+
+    served = []
+    monkeypatch.setattr(ranker.server, "serve", lambda config, log_level: served.append(config))
+    argv = ("serve", "--artifacts", str(tmp_path))
+    assert _cli(monkeypatch, capsys, *argv, "--max-in-flight", "7")[0] == 0
+    assert served[0].max_concurrent_rpcs == 7
+
+    status, _, err = _cli(monkeypatch, capsys, *argv, "--max-in-flight", "0")
     assert status == 2
-    assert "--max-in-flight" in err
+    assert "Invalid value for '--max-in-flight'" in err
+    assert len(served) == 1
 
 
 def test_message_size_and_explain_limits(tiny_artifacts, store) -> None:
