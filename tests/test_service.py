@@ -28,7 +28,7 @@ from benchmarks.harness import OwnRedis, ServeProcess, free_port, wait_until
 from ranker.generated.reelrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker.online_store import OnlineStoreConfig
 from ranker.server import RankingServer, ServerConfig, create_server
-from ranker.service import RankerConfig
+from ranker.service import RankerConfig, ScoredMovieEncoder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODE_CLIENT = REPO_ROOT / "tests" / "node_client"
@@ -138,6 +138,46 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
         assert stamps.sub("", path.read_text()) == stale, (
             f"{relative} is out of date with protos/; run `make protos` and commit the result"
         )
+
+
+def _field_by_field(movie_ids, scores, titles) -> ranker_pb2.RankResponse:
+    response = ranker_pb2.RankResponse(model_version="v", request_id="r", scored_count=3)
+    for movie_id, score in zip(movie_ids.tolist(), scores.tolist()):
+        response.movies.add(movie_id=movie_id, score=score, title=titles.get(movie_id, ""))
+    return response
+
+
+# The first and last score markers as text; the middle one's bytes are no UTF-8, but they are
+# the varint of this id.
+FIRST_MARKER, LAST_MARKER, MIDDLE_MARKER_ID = "\x01\x02\x03\x04", "\x7f\x05\x7f\x05", 10_287_473
+
+
+def test_encoded_movies_make_the_response_field_by_field_adding_makes() -> None:
+    # Ids of one to nine varint bytes; titles empty, absent, long, non-ASCII, and holding
+    # markers' bytes (those movies take the next marker).
+    movie_ids = np.array([1, 127, 128, 300, 2**21, 2**40, 2**62, MIDDLE_MARKER_ID, 6, 7])
+    titles = {1: "", 128: "Amélie (2001)", 300: "x" * 300, 2**21: f"{FIRST_MARKER} (1999)"}
+    titles |= {2**40: f"{FIRST_MARKER} \U0001f3ac", MIDDLE_MARKER_ID: FIRST_MARKER, 6: "Heat"}
+    encoder = ScoredMovieEncoder(movie_ids, titles)
+    special = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, -3.4e38, 0.5, 1.0, -1.0]
+    rng = np.random.default_rng(0)
+    for scores in (np.array(special, np.float32), rng.normal(size=10).astype(np.float32)):
+        for order in (np.arange(10), rng.permutation(10), np.array([3, 3, 0])):
+            expected = _field_by_field(movie_ids[order], scores[order], titles)
+            got = ranker_pb2.RankResponse(model_version="v", request_id="r", scored_count=3)
+            got.MergeFromString(encoder.encode(movie_ids[order], scores[order]))
+            assert got.SerializeToString() == expected.SerializeToString()
+    assert encoder.encode(np.array([], np.int64), np.array([], np.float32)) == b""
+
+
+def test_a_movie_no_marker_fits_is_left_to_field_by_field_adding() -> None:
+    titles = {1: "Heat", MIDDLE_MARKER_ID: f"{FIRST_MARKER} {LAST_MARKER}"}
+    encoder = ScoredMovieEncoder(np.array([1, MIDDLE_MARKER_ID]), titles)
+    one = np.array([2.0], np.float32)
+    assert encoder.encode(np.array([1]), one) is not None
+    assert encoder.encode(np.array([MIDDLE_MARKER_ID]), one) is None
+    assert encoder.encode(np.array([1, MIDDLE_MARKER_ID]), np.array([2, 1], np.float32)) is None
+    assert encoder.encode(np.array([9]), one) is None  # not in the catalogue
 
 
 @pytest.mark.integration
