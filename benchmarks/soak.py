@@ -259,6 +259,7 @@ async def _soak(bed, requests: list[bytes], args) -> dict:
         "max_p99_ms": probe["p99_ms"],
         "max_server_cpu": probe_cpu["server_cpu"],
         "max_server_cpu_ms_per_call": probe_cpu["server_cpu_ms_per_call"],
+        "max_idle_cpu": probe_cpu["idle_cpu"],
         "target_rps": round(target_rps, 1),
         "minutes": minutes,
         "calls": overall["calls"],

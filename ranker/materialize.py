@@ -291,7 +291,9 @@ def _check_table(path: Path, manifest: dict, entity: str) -> None:
     # One batch at a time: a million-row table need not be in memory twice.
     arrays = {f["name"]: f["width"] for f in table["fields"] if f["width"] is not None}
     versions = set()
-    batches = pq.ParquetFile(path).iter_batches(65_536, columns=[*arrays, "model_version"])
+    batches = pq.ParquetFile(path).iter_batches(
+        65_536, columns=[*arrays, "model_version"], use_threads=False
+    )
     for batch in batches:
         for name, width in arrays.items():
             lengths = pc.list_value_length(batch.column(name))
@@ -450,7 +452,9 @@ class _ViewWriter:
             disable=not sys.stderr.isatty() if progress is None else not progress,
         )
         with bar:
-            for number, batch in enumerate(parquet.iter_batches(self.batch_rows, columns=columns)):
+            # Arrow's threads off, as in training.artifacts.read_frame (apache/arrow#34314).
+            batches = parquet.iter_batches(self.batch_rows, columns=columns, use_threads=False)
+            for number, batch in enumerate(batches):
                 keys, values = self._encode(batch)
                 if number == 0:
                     self._check_against_feast(batch, keys[0], [column[0] for column in values])
@@ -504,7 +508,7 @@ class _ViewWriter:
         differs = []
         if key != _redis_key(self.project, entity_key, entity_key_serialization_version=version):
             differs.append(f"the key (entity_key_serialization_version {version})")
-        frame = batch.slice(0, 1).to_pandas()
+        frame = batch.slice(0, 1).to_pandas(use_threads=False)
         for feature, value in zip(self.view.features, row[1:]):
             column = self.source_columns.get(feature.name, feature.name)
             proto = python_values_to_proto_values(
