@@ -157,12 +157,13 @@ class UserContextCache:
 class ScoredMovieEncoder:
     """The ``movies`` of a :class:`RankResponse` as wire bytes, from one model version's catalogue.
 
-    Adding 100 ``ScoredMovie`` messages field by field took a quarter of a cached Rank call's
-    Python time. Here protobuf encodes each catalogue movie once, as a one-movie
-    ``RankResponse`` with a marker score. A ``float`` field is four little-endian bytes on the
-    wire whatever its value, so a call copies its movies' encodings with their scores in place
-    of the marker, and merging those bytes into a response appends the movies in order, as
-    parsing concatenated messages does. The response is the one field-by-field adding builds.
+    Adding 100 ``ScoredMovie`` messages field by field took a fifth of a worker's Python time
+    at 80 % load (docs/decisions.md). Here protobuf encodes each catalogue movie once, as a
+    one-movie ``RankResponse`` with a marker score. A ``float`` field is four little-endian
+    bytes on the wire whatever its value, so a call copies its movies' encodings with their
+    scores in place of the marker, and merging those bytes into a response appends the movies
+    in order, as parsing concatenated messages does. The response is the one field-by-field
+    adding builds.
     """
 
     # Scores whose four bytes are unlikely inside an encoded id or title; the first that
