@@ -461,3 +461,20 @@ def test_bench_drives_a_started_service_and_finds_the_naive_scores_identical(
         assert summary["compared_scores"] == 5 * int(count)
         assert summary["max_abs_diff"] == 0.0 and summary["mismatched_requests"] == 0
     assert len(report["worker_peak_rss_mb"]) == 1
+
+
+def test_cpu_drift_counts_the_seconds_slower_than_the_median_by_the_share() -> None:
+    from benchmarks.cpu_drift import summarize
+
+    # Ten seconds at 100 units, two at 70 (0.7 of the median) and one at 80: exactly 0.8.
+    per_second = np.array([100] * 5 + [70, 80] + [100] * 5 + [70], dtype=float)
+    summary = summarize(per_second, window_s=6, slow_share=0.8)
+
+    assert summary["seconds"] == 13
+    assert summary["seconds_below_slow_share"] == 2  # 0.8 itself is not below 0.8
+    assert summary["slowest_second_over_median"] == 0.7
+    # 570 / 6 and 580 / 6; the 13th second fills no window.
+    assert summary["units_per_second_by_window"] == [95, 97]
+    assert summary["largest_over_smallest_window"] == round(580 / 570, 3)
+    assert summarize(per_second, window_s=6, slow_share=0.75)["seconds_below_slow_share"] == 2
+    assert summarize(per_second, window_s=6, slow_share=0.65)["seconds_below_slow_share"] == 0
